@@ -1,0 +1,79 @@
+"""kopf handlers: thin wiring from ModelDeployment events to `Reconciler.reconcile`.
+
+`register` puts them on a registry the caller owns, so the real entry point and the tests
+run the same handlers, each with its own way of logging in to the API.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+
+from . import GROUP, KIND, PLURAL, VERSION
+from .kube import object_path
+from .reconcile import Reconciler
+
+MANAGED = {"app.kubernetes.io/managed-by": "radixserve-operator"}
+
+
+def configure(settings: kopf.OperatorSettings) -> None:
+    """kopf's bookkeeping under our own prefix, so it never collides with other operators."""
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.posting.level = 20  # INFO and up become Events on the ModelDeployment
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 60
+
+
+def register(
+    registry: kopf.OperatorRegistry, reconciler: Reconciler, resync_seconds: float = 30.0
+) -> None:
+    """Register the operator's handlers on `registry`."""
+    resource = (GROUP, VERSION, PLURAL)
+
+    @kopf.on.startup(registry=registry)
+    async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        configure(settings)
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(**_: Any) -> None:
+        await reconciler.kube.close()
+
+    @kopf.on.probe(id="reconciler", registry=registry)
+    def alive(**_: Any) -> bool:
+        return True
+
+    @kopf.on.create(*resource, registry=registry)
+    @kopf.on.update(*resource, field="spec", registry=registry)
+    @kopf.on.resume(*resource, registry=registry)
+    async def apply(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+        state = await reconciler.reconcile(body, logger)
+        if state["phase"] == "Failed":
+            # Recorded as an Event; kopf tries again only when the spec changes.
+            raise kopf.PermanentError(state["message"])
+
+    @kopf.timer(*resource, interval=resync_seconds, idle=None, registry=registry)
+    async def resync(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+        """Put back hand-made changes to children and refresh the model probe."""
+        await reconciler.reconcile(body, logger)
+
+    async def child_changed(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+        """A child changed (rollout progress, a hand edit): reconcile its owner now."""
+        namespace = body["metadata"]["namespace"]
+        for ref in body["metadata"].get("ownerReferences", []):
+            if ref.get("kind") != KIND or not ref.get("apiVersion", "").startswith(f"{GROUP}/"):
+                continue
+            owner = await reconciler.kube.get(
+                object_path(ref["apiVersion"], KIND, namespace, ref["name"])
+            )
+            if owner is not None and not owner["metadata"].get("deletionTimestamp"):
+                await reconciler.reconcile(owner, logger)
+
+    for group_version, plural in (("apps/v1", "deployments"), ("v1", "services")):
+        kopf.on.event(
+            group_version, plural, labels=MANAGED, registry=registry, id=f"{plural}-changed"
+        )(child_changed)

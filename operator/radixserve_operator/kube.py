@@ -1,0 +1,125 @@
+"""A small async Kubernetes API client for the operator's own reads and writes.
+
+kopf watches and patches the ModelDeployments itself; the children need plain get /
+create / merge-patch / delete, which this does over aiohttp. Where the credentials come
+from is the caller's choice (`from_kubeconfig` in the cluster or on a laptop, a bare URL
+in tests), so nothing here is tied to one way of logging in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+PLURALS = {
+    "Deployment": "deployments",
+    "Service": "services",
+    "PersistentVolumeClaim": "persistentvolumeclaims",
+    "PodDisruptionBudget": "poddisruptionbudgets",
+    "HorizontalPodAutoscaler": "horizontalpodautoscalers",
+    "InferencePool": "inferencepools",
+    "Secret": "secrets",
+    "ModelDeployment": "modeldeployments",
+}
+
+
+class ApiError(Exception):
+    """A non-2xx answer from the API server."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+
+
+def object_path(api_version: str, kind: str, namespace: str, name: str | None = None) -> str:
+    """The REST path of a namespaced object (or its collection when name is None)."""
+    prefix = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+    path = f"{prefix}/namespaces/{namespace}/{PLURALS[kind]}"
+    return f"{path}/{name}" if name else path
+
+
+@dataclass
+class KubeClient:
+    server: str
+    ssl_context: ssl.SSLContext | bool = True
+    # Called per request: service-account tokens rotate, so the header is never cached.
+    authorization: Callable[[], str | None] = lambda: None
+    timeout: float = 30.0
+    _session: aiohttp.ClientSession | None = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def from_kubeconfig(cls) -> KubeClient:
+        """In-cluster service account first, then ~/.kube/config (as kubectl does)."""
+        from kubernetes import client, config
+
+        cfg = client.Configuration()
+        try:
+            config.load_incluster_config(client_configuration=cfg)
+        except config.ConfigException:
+            config.load_kube_config(client_configuration=cfg)
+        if not cfg.verify_ssl:
+            context: ssl.SSLContext | bool = False
+        else:
+            context = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
+            if cfg.cert_file:
+                context.load_cert_chain(cfg.cert_file, cfg.key_file)
+
+        def authorization() -> str | None:
+            return cfg.auth_settings().get("BearerToken", {}).get("value")
+
+        return cls(server=cfg.host, ssl_context=context, authorization=authorization)
+
+    async def _request(
+        self, method: str, path: str, body: Any = None, content_type: str = "application/json"
+    ) -> dict[str, Any]:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        token = self.authorization()
+        if token:
+            headers["Authorization"] = token
+        async with self._session.request(
+            method, self.server.rstrip("/") + path, json=body, headers=headers, ssl=self.ssl_context
+        ) as response:
+            payload = await response.json(content_type=None)
+            if response.status >= 400:
+                message = payload.get("message", "") if isinstance(payload, dict) else ""
+                raise ApiError(response.status, message or str(payload))
+            return payload
+
+    async def get(self, path: str) -> dict[str, Any] | None:
+        try:
+            return await self._request("GET", path)
+        except ApiError as error:
+            if error.status == 404:
+                return None
+            raise
+
+    async def create(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        return await self._request("POST", path, body)
+
+    async def patch(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        # JSON merge patch replaces lists whole, so hand-added containers, ports or env
+        # entries are dropped too; a strategic merge would keep them.
+        return await self._request("PATCH", path, body, "application/merge-patch+json")
+
+    async def delete(self, path: str) -> None:
+        try:
+            await self._request("DELETE", path)
+        except ApiError as error:
+            if error.status != 404:
+                raise
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            # Let the connector's transports finish closing within this loop.
+            await asyncio.sleep(0)

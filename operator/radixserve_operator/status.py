@@ -1,0 +1,130 @@
+"""The ModelDeployment's status, computed from what the operator observed.
+
+Pure: the spec, the Deployment as read back, the model probe and the previous conditions
+in; the whole status out. Conditions follow the Kubernetes convention (type, status,
+reason, message, lastTransitionTime, observedGeneration) so `kubectl wait
+--for=condition=Ready` works.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from . import manifests
+from .spec import Spec
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the operator saw calling the model's Service."""
+
+    ok: bool
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Observed:
+    name: str
+    namespace: str
+    generation: int | None
+    spec: Spec
+    problems: list[str]
+    warnings: list[str]
+    deployment: dict[str, Any] | None
+    probe: Probe | None
+
+
+def _condition(conditions: list[dict[str, Any]], kind: str) -> dict[str, Any] | None:
+    return next((c for c in conditions if c.get("type") == kind), None)
+
+
+def _mirror(deployment: dict[str, Any] | None, kind: str) -> tuple[str, str, str]:
+    if deployment is None:
+        return "Unknown", "DeploymentMissing", "the Deployment is not created yet"
+    found = _condition(deployment.get("status", {}).get("conditions", []), kind)
+    if found is None:
+        return "Unknown", "NotReported", f"the Deployment reports no {kind} condition yet"
+    return found.get("status", "Unknown"), found.get("reason", kind), found.get("message", "")
+
+
+def _phase(seen: Observed, ready: int, desired: int) -> tuple[str, str]:
+    """The phase and a message a user can act on."""
+    if seen.problems:
+        return "Failed", "; ".join(seen.problems)
+    if seen.deployment is None:
+        return "Pending", "creating the Deployment"
+    progressing = _mirror(seen.deployment, "Progressing")
+    if progressing[1] == "ProgressDeadlineExceeded":
+        return "Degraded", f"rollout stalled: {progressing[2]}"
+    if seen.warnings:
+        return "Degraded", "; ".join(seen.warnings)
+    if desired == 0:
+        return "Pending", "scaled to zero replicas"
+    if ready == 0:
+        return "Progressing", f"0/{desired} replicas ready (loading the model)"
+    if seen.probe is not None and not seen.probe.ok:
+        return "Degraded", f"pods are ready but the model is not: {seen.probe.message}"
+    if ready < desired:
+        status = seen.deployment.get("status", {})
+        rolling = status.get("updatedReplicas", 0) < desired or progressing[1] in (
+            "ReplicaSetUpdated",
+            "NewReplicaSetCreated",
+            "FoundNewReplicaSet",
+        )
+        phase = "Progressing" if rolling else "Degraded"
+        return phase, f"{ready}/{desired} replicas ready"
+    served = manifests.served_model_name(seen.name, seen.spec)
+    return "Ready", f"{ready}/{desired} replicas ready, serving {served!r}"
+
+
+def _model_ready(seen: Observed, ready: int) -> tuple[str, str, str]:
+    if seen.problems:
+        return "False", "InvalidSpec", "the spec is invalid"
+    if ready == 0:
+        return "False", "NoReadyReplicas", "no replica is ready to answer"
+    if seen.probe is None:
+        return "Unknown", "NotProbed", "the operator has not probed the Service yet"
+    return ("True" if seen.probe.ok else "False"), seen.probe.reason, seen.probe.message
+
+
+def build(seen: Observed, previous: list[dict[str, Any]], now: str) -> dict[str, Any]:
+    """The full status; a condition keeps its lastTransitionTime while its status holds."""
+    dep_status = (seen.deployment or {}).get("status", {})
+    ready = dep_status.get("readyReplicas", 0) or 0
+    desired = seen.spec["replicas"]
+    phase, message = _phase(seen, ready, desired)
+    wanted = {
+        "Available": _mirror(seen.deployment, "Available"),
+        "Progressing": _mirror(seen.deployment, "Progressing"),
+        "ModelReady": _model_ready(seen, ready),
+        "Ready": ("True" if phase == "Ready" else "False", phase, message),
+    }
+    conditions = []
+    for kind, (status, reason, text) in wanted.items():
+        old = _condition(previous, kind)
+        since = old["lastTransitionTime"] if old and old.get("status") == status else now
+        condition = {
+            "type": kind,
+            "status": status,
+            "reason": reason,
+            "message": text,
+            "lastTransitionTime": since,
+        }
+        if seen.generation is not None:
+            condition["observedGeneration"] = seen.generation
+        conditions.append(condition)
+    status: dict[str, Any] = {
+        "replicas": dep_status.get("replicas", 0) or 0,
+        "readyReplicas": ready,
+        "selector": manifests.selector_string(seen.name),
+        "phase": phase,
+        "message": message,
+        "endpoint": manifests.endpoint(seen.name, seen.namespace, seen.spec),
+        "servedModelName": manifests.served_model_name(seen.name, seen.spec),
+        "conditions": conditions,
+    }
+    if seen.generation is not None:
+        status["observedGeneration"] = seen.generation
+    return status
