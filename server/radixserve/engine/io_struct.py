@@ -1,0 +1,90 @@
+"""What crosses the ZeroMQ sockets between the front (tokenizer side) and the engine process.
+
+One dataclass per message; the engine never sees text, only token ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from radixserve.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class TokenizedGenerateReq:
+    rid: str
+    input_ids: list[int]
+    sampling_params: SamplingParams
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    stream: bool = False
+
+
+@dataclass
+class AbortReq:
+    rid: str
+
+
+@dataclass
+class FlushCacheReq:
+    pass
+
+
+@dataclass
+class ShutdownReq:
+    pass
+
+
+@dataclass
+class ReqOutput:
+    """New tokens of one request in one step (and, when it ended, why)."""
+
+    rid: str
+    new_token_ids: list[int]
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    finish_reason: dict | None = None
+    # per new token: (logprob, [(token_id, logprob), ...] top alternatives)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+
+
+@dataclass
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_used_tokens: int = 0
+    kv_total_tokens: int = 0
+    cache_hit_tokens: int = 0  # cumulative
+    prompt_tokens: int = 0  # cumulative
+    generation_tokens: int = 0  # cumulative
+    num_retractions: int = 0  # cumulative
+    forward_steps: int = 0  # cumulative
+
+
+@dataclass
+class BatchOutput:
+    outputs: list[ReqOutput] = field(default_factory=list)
+    stats: EngineStats | None = None
+    flushed: bool | None = None  # answer to a FlushCacheReq
+
+
+@dataclass
+class EngineReady:
+    """Sent once after the model loaded; what the front needs to know about the engine."""
+
+    model_path: str
+    context_length: int
+    vocab_size: int
+    max_total_tokens: int
+    max_running_requests: int
+    dtype: str
+    device: str
+    attention_backend: str
+    eos_token_ids: list[int]
+    is_embedding: bool = False
+
+
+@dataclass
+class EngineFailed:
+    error: str

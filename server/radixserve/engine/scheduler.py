@@ -1,0 +1,428 @@
+"""Continuous batching over a paged KV pool with a radix prefix cache (SGLang's shape).
+
+Every step:
+1. decoding requests each get one slot; when the pool (after evicting unreferenced cache)
+   cannot give them, the newest are retracted: their KV goes back to the cache and they
+   re-queue at the front with their output kept;
+2. the rest of the step's token budget prefills: first the request whose prompt is mid-
+   chunk, then waiting requests (longest cached prefix first under `lpm`), while the batch
+   cap, the budget and KV memory (with headroom for the running requests' decoding) allow;
+3. one forward runs prefill chunks and decode tokens together; requests that reached the
+   end of their prompt or decoded sample one token each and are checked for a stop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from radixserve.config import ServerArgs
+from radixserve.engine.io_struct import EngineStats, ReqOutput, TokenizedGenerateReq
+from radixserve.engine.model_runner import ModelRunner
+from radixserve.engine.radix_cache import RadixCache, TreeNode
+from radixserve.engine.sampler import SamplingRow, sample
+from radixserve.layers.attention import ForwardBatch
+
+logger = logging.getLogger(__name__)
+
+# Admission keeps room for this share of the running requests' remaining max_new_tokens;
+# too low and requests are retracted soon after admission, too high and the pool idles.
+NEW_TOKEN_RATIO = 0.3
+MAX_RESERVE_PER_REQ = 1024
+LPM_MAX_WAITING = 128  # beyond this, prefix matching every waiting request costs too much
+
+
+@dataclass
+class Req:
+    rid: str
+    origin_input_ids: list[int]
+    row: SamplingRow
+    stream: bool
+    arrival: int
+    output_ids: list[int] = field(default_factory=list)
+    slots: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    prefix_len: int = 0  # leading slots owned by the radix tree (locked through last_node)
+    last_node: TreeNode | None = None
+    cached_tokens: int = -1  # -1 until first admitted
+    finished_reason: dict | None = None
+    sent_len: int = 0
+    logprobs: list = field(default_factory=list)
+
+    @property
+    def fill_ids(self) -> list[int]:
+        return self.origin_input_ids + self.output_ids
+
+    @property
+    def params(self):
+        return self.row.params
+
+
+class Scheduler:
+    def __init__(
+        self, args: ServerArgs, runner: ModelRunner, tokenizer, eos_ids: list[int]
+    ) -> None:
+        self.args = args
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.pool = runner.pool
+        self.tree = None if args.disable_radix_cache else RadixCache(self.pool.free)
+        self.waiting: deque[Req] = deque()
+        self.running: list[Req] = []
+        self.chunked: Req | None = None
+        self.arrivals = 0
+        self.chunk_size = (
+            args.chunked_prefill_size if args.chunked_prefill_size > 0 else args.max_prefill_tokens
+        )
+        self.prefill_budget = min(self.chunk_size, args.max_prefill_tokens)
+        self.stats = EngineStats(kv_total_tokens=self.pool.size)
+        self.shared_gen = torch.Generator(device=runner.device).manual_seed(args.random_seed)
+        self.finished_outputs: list[ReqOutput] = []
+
+    # ---- requests in and out -------------------------------------------------------
+    def add_request(self, msg: TokenizedGenerateReq) -> None:
+        p = msg.sampling_params
+        gen = None
+        if p.seed is not None and not p.greedy:
+            gen = torch.Generator().manual_seed(p.seed % (2**63))
+        stop_ids = [] if p.ignore_eos else list(self.eos_ids)
+        stop_ids += p.stop_token_ids
+        row = SamplingRow(
+            p, msg.input_ids, [], stop_ids, gen, msg.top_logprobs_num, msg.return_logprob
+        )
+        req = Req(msg.rid, list(msg.input_ids), row, msg.stream, self.arrivals)
+        row.output_ids = req.output_ids
+        self.arrivals += 1
+        why = self._reject_reason(req)
+        if why is not None:
+            req.cached_tokens = 0
+            self._finish(req, why)
+            return
+        self.waiting.append(req)
+
+    def _reject_reason(self, req: Req) -> dict | None:
+        n = len(req.origin_input_ids)
+        if n == 0:
+            return {"type": "abort", "message": "empty prompt"}
+        if req.params.max_new_tokens == 0:
+            return {"type": "length", "matched": None}
+        if n >= self.runner.context_length:
+            return {
+                "type": "abort",
+                "message": f"prompt of {n} tokens does not fit the context length {self.runner.context_length}",
+            }
+        if n + 1 > self.pool.size:
+            return {
+                "type": "abort",
+                "message": f"prompt of {n} tokens does not fit the KV cache of {self.pool.size} tokens",
+            }
+        bad = [t for t in req.origin_input_ids if not 0 <= t < self.runner.vocab_size]
+        if bad:
+            return {"type": "abort", "message": f"token id {bad[0]} is outside the vocabulary"}
+        return None
+
+    def abort(self, rid: str) -> None:
+        for req in list(self.waiting):
+            if req.rid == rid:
+                self.waiting.remove(req)
+                self._finish(req, {"type": "abort", "message": "aborted"})
+                return
+        for req in self.running:
+            if req.rid == rid and req.finished_reason is None:
+                self.running.remove(req)
+                if self.chunked is req:
+                    self.chunked = None
+                self._finish(req, {"type": "abort", "message": "aborted"})
+                return
+
+    def flush_cache(self) -> bool:
+        """Drop the prefix cache; refused while requests hold slots (SGLang does the same)."""
+        if self.running or self.waiting:
+            return False
+        if self.tree is not None:
+            self.tree.reset()
+        self.pool.clear()
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- memory ----------------------------------------------------------------------
+    def _alloc(self, n: int) -> torch.Tensor | None:
+        if self.pool.available() < n and self.tree is not None:
+            self.tree.evict(n - self.pool.available())
+        return self.pool.alloc(n)
+
+    def _available(self) -> int:
+        return self.pool.available() + (self.tree.evictable_size if self.tree else 0)
+
+    def _release(self, req: Req) -> None:
+        """Give back the request's KV: into the cache when there is one, else to the pool."""
+        computed = req.slots.numel()
+        if self.tree is not None and req.last_node is not None:
+            key = req.fill_ids[:computed]
+            dup = self.tree.insert(key, req.slots)
+            self.pool.free(req.slots[req.prefix_len : dup])
+            self.tree.dec_lock_ref(req.last_node)
+        else:
+            self.pool.free(req.slots)
+        req.slots = torch.empty(0, dtype=torch.int64)
+        req.prefix_len, req.last_node = 0, None
+
+    def _cache_prefilled(self, req: Req) -> None:
+        """After its prompt is in, share it through the tree so later requests reuse it."""
+        if self.tree is None:
+            return
+        key = req.fill_ids[: req.slots.numel()]
+        dup = self.tree.insert(key, req.slots)
+        self.pool.free(req.slots[req.prefix_len : dup])
+        slots, node = self.tree.match_prefix(key)
+        self.tree.inc_lock_ref(node)
+        self.tree.dec_lock_ref(req.last_node)
+        req.slots, req.prefix_len, req.last_node = slots, slots.numel(), node
+
+    def _reserve(self, reqs) -> int:
+        return int(
+            sum(min(r.params.max_new_tokens - len(r.output_ids), MAX_RESERVE_PER_REQ) for r in reqs)
+            * NEW_TOKEN_RATIO
+        )
+
+    # ---- one step ------------------------------------------------------------------------
+    def step(self) -> list[ReqOutput]:
+        decode = self._schedule_decode()
+        prefill = self._schedule_prefill()
+        if prefill or decode:
+            self._run(prefill, decode)
+        elif self.waiting and not self.running:
+            # nothing holds memory and still the head request cannot start: it never will
+            self._finish(
+                self.waiting.popleft(),
+                {"type": "abort", "message": "KV cache too small for this request"},
+            )
+        outputs, self.finished_outputs = self.finished_outputs, []
+        for req in self.running:
+            if req.stream and len(req.output_ids) - req.sent_len >= self.args.stream_interval:
+                outputs.append(self._output(req))
+        self.running = [r for r in self.running if r.finished_reason is None]
+        self._update_stats()
+        return outputs
+
+    def _schedule_decode(self) -> list[Req]:
+        # a running request is either the one mid-chunk or decoding
+        decode = sorted((r for r in self.running if r is not self.chunked), key=lambda r: r.arrival)
+        while decode:
+            new = self._alloc(len(decode))
+            if new is not None:
+                for r, s in zip(decode, new.split(1), strict=True):
+                    r.slots = torch.cat([r.slots, s])
+                return decode
+            victim = decode.pop()  # newest first
+            if self.running == [victim]:
+                # alone and still out of memory: its sequence is longer than the pool
+                self.running.remove(victim)
+                self._finish(victim, {"type": "length", "matched": None})
+                break
+            self._retract(victim)
+        return decode
+
+    def _retract(self, req: Req) -> None:
+        self.running.remove(req)
+        self._release(req)
+        self.waiting.appendleft(req)
+        self.stats.num_retractions += 1
+        logger.debug("retracted %s after %d tokens", req.rid, len(req.output_ids))
+
+    def _schedule_prefill(self) -> list[tuple[Req, int]]:
+        """(request, tokens to compute this step) for the prefill part of the batch."""
+        budget = self.prefill_budget
+        chosen: list[tuple[Req, int]] = []
+        if self.chunked is not None:
+            req = self.chunked
+            n = min(len(req.fill_ids) - req.slots.numel(), budget)
+            new = self._alloc(n)
+            if new is None:
+                if self.running == [req]:
+                    self.running.remove(req)
+                    self.chunked = None
+                    self._finish(
+                        req, {"type": "abort", "message": "KV cache too small for this request"}
+                    )
+                return chosen
+            req.slots = torch.cat([req.slots, new])
+            chosen.append((req, n))
+            budget -= n
+            self.chunked = req if req.slots.numel() < len(req.fill_ids) else None
+        if self.chunked is not None or not self.waiting:
+            return chosen
+        self._order_waiting()
+        running = len(self.running)
+        reserve = self._reserve(self.running)
+        while self.waiting and budget > 0 and running < self.args.max_running_requests:
+            req = self.waiting[0]
+            fill = req.fill_ids
+            if self.tree is not None:
+                prefix, node = self.tree.match_prefix(fill[:-1])
+                self.tree.inc_lock_ref(node)
+            else:
+                prefix, node = torch.empty(0, dtype=torch.int64), None
+            n = min(len(fill) - prefix.numel(), budget)
+            reserve_after = reserve + self._reserve([req])
+            new = None
+            if self._available() >= n + reserve_after or (not self.running and not chosen):
+                new = self._alloc(n)
+            if new is None:
+                if node is not None:
+                    self.tree.dec_lock_ref(node)
+                break
+            self.waiting.popleft()
+            req.slots = torch.cat([prefix, new])
+            req.prefix_len, req.last_node = prefix.numel(), node
+            if req.cached_tokens < 0:
+                req.cached_tokens = prefix.numel()
+                self.stats.cache_hit_tokens += prefix.numel()
+                self.stats.prompt_tokens += len(req.origin_input_ids)
+            self.running.append(req)
+            chosen.append((req, n))
+            budget -= n
+            running += 1
+            reserve = reserve_after
+            if req.slots.numel() < len(fill):
+                self.chunked = req
+                break
+        return chosen
+
+    def _order_waiting(self) -> None:
+        if (
+            self.args.schedule_policy != "lpm"
+            or self.tree is None
+            or len(self.waiting) > LPM_MAX_WAITING
+        ):
+            return
+        # retracted requests (which have output) keep their place at the front
+        keyed = [
+            (
+                -(self.tree.match_prefix(r.fill_ids[:-1])[0].numel())
+                if not r.output_ids
+                else float("-inf"),
+                r.arrival,
+                r,
+            )
+            for r in self.waiting
+        ]
+        keyed.sort(key=lambda x: (x[0], x[1]))
+        self.waiting = deque(r for _, _, r in keyed)
+
+    def _run(self, prefill: list[tuple[Req, int]], decode: list[Req]) -> None:
+        ids: list[int] = []
+        pos: list[int] = []
+        loc: list[torch.Tensor] = []
+        prefix_lens, extend_lens, req_slots = [], [], []
+        sample_reqs: list[Req] = []
+        logit_rows: list[int] = []
+        for req, n in prefill:
+            total = req.slots.numel()
+            start = total - n
+            ids += req.fill_ids[start:total]
+            pos += range(start, total)
+            loc.append(req.slots[start:])
+            prefix_lens.append(start)
+            extend_lens.append(n)
+            req_slots.append(req.slots)
+            if total == len(req.fill_ids):
+                sample_reqs.append(req)
+                logit_rows.append(len(ids) - 1)
+        for req in decode:
+            total = req.slots.numel()
+            ids.append(req.fill_ids[total - 1])
+            pos.append(total - 1)
+            loc.append(req.slots[total - 1 :])
+            prefix_lens.append(total - 1)
+            extend_lens.append(1)
+            req_slots.append(req.slots)
+            sample_reqs.append(req)
+            logit_rows.append(len(ids) - 1)
+        device = self.runner.device
+        batch = ForwardBatch(
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
+            positions=torch.tensor(pos, dtype=torch.int64, device=device),
+            out_cache_loc=torch.cat(loc).to(device),
+            kv_pool=self.pool,
+            num_prefill_reqs=len(prefill),
+            num_prefill_tokens=sum(n for _, n in prefill),
+            prefix_lens=prefix_lens,
+            extend_lens=extend_lens,
+            req_slots=req_slots,
+        )
+        logits = self.runner.forward(
+            batch, torch.tensor(logit_rows, dtype=torch.int64, device=device)
+        )
+        self.stats.forward_steps += 1
+        for req, _ in prefill:
+            if req.slots.numel() == len(req.fill_ids):
+                self._cache_prefilled(req)
+        if not sample_reqs:
+            return
+        next_ids, logprobs = sample(logits, [r.row for r in sample_reqs], self.shared_gen)
+        for i, (req, tok) in enumerate(zip(sample_reqs, next_ids, strict=True)):
+            req.output_ids.append(tok)
+            self.stats.generation_tokens += 1
+            if req.row.return_logprob and logprobs is not None:
+                lp, alts = logprobs[i]
+                req.logprobs.append((lp, alts[: req.row.top_logprobs_num]))
+            reason = self._check_finished(req, tok)
+            if reason is not None:
+                self._finish(req, reason)
+
+    def _check_finished(self, req: Req, tok: int) -> dict | None:
+        p = req.params
+        n_out = len(req.output_ids)
+        if n_out >= p.min_new_tokens:
+            if tok in req.row.stop_ids:
+                return {"type": "stop", "matched": tok}
+            if p.stop:
+                matched = self._match_stop_string(req)
+                if matched is not None:
+                    return {"type": "stop", "matched": matched}
+        if n_out >= p.max_new_tokens or len(req.fill_ids) >= self.runner.context_length:
+            return {"type": "length", "matched": None}
+        return None
+
+    def _match_stop_string(self, req: Req) -> str | None:
+        """Decode only the tail that could hold a stop string that just completed."""
+        longest = max(len(s) for s in req.params.stop)
+        tail = self.tokenizer.decode(
+            req.output_ids[-(longest + 2) :], skip_special_tokens=req.params.skip_special_tokens
+        )
+        for s in req.params.stop:
+            if s in tail:
+                return s
+        return None
+
+    def _finish(self, req: Req, reason: dict) -> None:
+        req.finished_reason = reason
+        if req.slots.numel():
+            self._release(req)
+        self.finished_outputs.append(self._output(req))
+
+    def _output(self, req: Req) -> ReqOutput:
+        new = req.output_ids[req.sent_len :]
+        lps = req.logprobs[req.sent_len :] if req.row.return_logprob else None
+        req.sent_len = len(req.output_ids)
+        return ReqOutput(
+            rid=req.rid,
+            new_token_ids=new,
+            prompt_tokens=len(req.origin_input_ids),
+            cached_tokens=max(req.cached_tokens, 0),
+            completion_tokens=len(req.output_ids),
+            finish_reason=req.finished_reason,
+            logprobs=lps,
+        )
+
+    def _update_stats(self) -> None:
+        s = self.stats
+        s.num_running = len(self.running)
+        s.num_waiting = len(self.waiting)
+        s.kv_used_tokens = self.pool.size - self._available()

@@ -1,0 +1,113 @@
+"""What a model's forward needs to know about the batch and the KV cache.
+
+A step runs a flat list of tokens: first the tokens of the requests that are prefilling
+(any number each, a chunk of a prompt on top of a cached prefix), then one token for each
+decoding request. Backends build their own metadata once per step in `init_forward` so
+the per-layer `forward` does no Python bookkeeping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+class KVPool:
+    """One preallocated K and V tensor per layer, indexed by slot; slot 0 is never handed out.
+
+    Slot 0 is a scratch slot: padded positions in gathered tables point at it, so the
+    backends never need bounds checks.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        self.size = size
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        shape = (size + 1, num_kv_heads, head_dim)
+        self.k_buffer = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v_buffer = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.clear()
+
+    @staticmethod
+    def bytes_per_token(
+        num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        return (
+            2 * num_layers * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+        )
+
+    def clear(self) -> None:
+        self.free_slots = torch.arange(1, self.size + 1, dtype=torch.int64)
+
+    def available(self) -> int:
+        return int(self.free_slots.numel())
+
+    def alloc(self, n: int) -> torch.Tensor | None:
+        """Hand out n slots (CPU int64 tensor), or None when fewer are free."""
+        if n > self.free_slots.numel():
+            return None
+        out = self.free_slots[:n]
+        self.free_slots = self.free_slots[n:]
+        return out
+
+    def free(self, slots: torch.Tensor) -> None:
+        if slots.numel():
+            self.free_slots = torch.cat([self.free_slots, slots.to(torch.int64).cpu()])
+
+    def set_kv(self, layer: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k_buffer[layer][loc] = k
+        self.v_buffer[layer][loc] = v
+
+
+@dataclass
+class ForwardBatch:
+    """The tensors of one step; built by the model runner, read by the model and backend."""
+
+    input_ids: torch.Tensor  # [T] token ids
+    positions: torch.Tensor  # [T] absolute positions
+    out_cache_loc: torch.Tensor  # [T] slot each token's K/V is written to
+    kv_pool: KVPool
+    num_prefill_reqs: int
+    num_prefill_tokens: int
+    prefix_lens: list[int]  # per request: tokens already in the cache before this step
+    extend_lens: list[int]  # per request: tokens computed in this step (1 for decode)
+    req_slots: list[torch.Tensor]  # per request: all slots of its sequence, this step's included
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.extend_lens)
+
+    @property
+    def seq_lens(self) -> list[int]:
+        return [p + e for p, e in zip(self.prefix_lens, self.extend_lens, strict=True)]
+
+
+class AttentionBackend:
+    """Interface: prepare once per step, then attend once per layer."""
+
+    def init_forward(self, batch: ForwardBatch) -> None:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        v: torch.Tensor,
+        layer_id: int,
+        batch: ForwardBatch,
+        scale: float,
+    ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        raise NotImplementedError

