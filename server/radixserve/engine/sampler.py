@@ -72,7 +72,7 @@ def sample(
 
     device = logits.device
     temps = torch.tensor(
-        [r.params.temperature if not g else 1.0 for r, g in zip(rows, greedy)], device=device
+        [r.params.temperature if not g else 1.0 for r, g in zip(rows, greedy, strict=True)], device=device
     )
     probs = torch.softmax(logits / temps[:, None], dim=-1)
     if any(r.params.top_k > 0 or r.params.top_p < 1 or r.params.min_p > 0 for r in rows):
