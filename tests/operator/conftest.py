@@ -1,0 +1,77 @@
+"""Run the real operator (kopf) against kmock, an in-memory Kubernetes API.
+
+kmock stores and watches objects but runs no controllers, so tests play the cluster's
+part themselves: they write a Deployment's status, bump `generation` on spec changes, and
+answer the model probe (hostnames under .svc.cluster.local resolve to kmock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import kmock as kmock_lib
+import kopf
+import pytest
+from operator_harness import MD
+from radixserve_operator import handlers
+from radixserve_operator.kube import KubeClient
+from radixserve_operator.reconcile import Reconciler
+
+
+@pytest.fixture
+def kmock_options(kmock_options: dict[str, Any]) -> dict[str, Any]:
+    """Route the operator's calls to model Services (…svc.cluster.local) to kmock too."""
+    return {**kmock_options, "hostnames": re.compile(r".*\.svc\.cluster\.local")}
+
+
+@pytest.fixture
+def cluster(kmock: kmock_lib.KubernetesEmulator) -> kmock_lib.KubernetesEmulator:
+    """Builtin resources plus the CRDs the operator touches, declared for discovery."""
+    kmock.resources.load_bundled()
+    verbs = ["create", "delete", "get", "list", "patch", "update", "watch"]
+    kmock.resources[MD] = kmock_lib.ResourceInfo(
+        kind="ModelDeployment",
+        singular="modeldeployment",
+        namespaced=True,
+        verbs=verbs,
+        shortnames=["md"],
+        subresources=["status", "scale"],
+    )
+    kmock.resources["inference.networking.k8s.io/v1/inferencepools"] = kmock_lib.ResourceInfo(
+        kind="InferencePool", singular="inferencepool", namespaced=True, verbs=verbs
+    )
+    return kmock
+
+
+@pytest.fixture
+async def operator(cluster: kmock_lib.KubernetesEmulator) -> AsyncIterator[Reconciler]:
+    """The operator's own handlers on a fresh registry, logged in to kmock."""
+    registry = kopf.OperatorRegistry()
+    reconciler = Reconciler(kube=KubeClient(str(cluster.url)), probe_timeout=2.0)
+    handlers.register(registry, reconciler, resync_seconds=0.5)
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        return kopf.ConnectionInfo(server=str(cluster.url))
+
+    @kopf.on.startup(registry=registry)
+    def quiet(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.posting.enabled = False  # kmock names objects by metadata.name only
+        settings.watching.reconnect_backoff = 0.1
+
+    # kopf cancels every task that appeared while it ran (its own leftovers); the
+    # fixture's teardown task is one, so it is added to the tasks kopf leaves alone.
+    untouchable = set(asyncio.all_tasks())
+    stop = asyncio.Event()
+    tasks = await kopf.spawn_tasks(
+        registry=registry, clusterwide=True, standalone=True, stop_flag=stop
+    )
+    runner = asyncio.create_task(kopf.run_tasks(tasks, ignored=untouchable))
+    yield reconciler
+    untouchable.add(asyncio.current_task())
+    stop.set()
+    done, _ = await asyncio.wait({runner}, timeout=15)
+    assert runner in done, "the operator did not stop within 15s"
