@@ -28,12 +28,14 @@ from radixserve.engine.engine_process import HEARTBEAT_S, engine_main
 from radixserve.engine.io_struct import (
     AbortReq,
     BatchOutput,
+    EmbeddingOutput,
     EngineFailed,
     EngineReady,
     EngineStats,
     FlushCacheReq,
     ReqOutput,
     ShutdownReq,
+    TokenizedEmbeddingReq,
     TokenizedGenerateReq,
 )
 from radixserve.engine.sampling_params import SamplingParams
@@ -88,6 +90,10 @@ class EngineClient:
     # ---- lifecycle -------------------------------------------------------------------
     async def start(self) -> EngineReady:
         """Start the engine process and wait until its model is loaded."""
+        if self.args.is_embedding and self.args.model_path is None:
+            from radixserve.engine.embedding import default_embedding_model_path
+
+            self.args.model_path = default_embedding_model_path()
         self._dir = tempfile.mkdtemp(prefix="radixserve-")
         to_engine = f"ipc://{os.path.join(self._dir, 'in')}"
         from_engine = f"ipc://{os.path.join(self._dir, 'out')}"
@@ -169,6 +175,11 @@ class EngineClient:
             if isinstance(msg, EngineFailed):
                 self._die(msg.error)
                 return
+            if isinstance(msg, EmbeddingOutput):
+                q = self._queues.get(msg.rid)
+                if q is not None:
+                    q.put_nowait(msg)
+                continue
             assert isinstance(msg, BatchOutput)
             if msg.stats is not None:
                 self.stats = msg.stats
@@ -317,6 +328,23 @@ class EngineClient:
             p = params if params.seed is None else _with_seed(params, params.seed + i)
             others.append(self.generate(input_ids, p, rid=f"{rid}-{i}", index=i, **kw))
         return [_prepend(head, first), *others]
+
+    async def embed(self, input_ids: list[list[int]]) -> list[list[float]]:
+        """One vector per token-id sequence (embedding engines only); ValueError for bad input."""
+        self.check_alive()
+        rid = uuid.uuid4().hex
+        q: asyncio.Queue = asyncio.Queue()
+        self._queues[rid] = q
+        try:
+            await self._send.send_pyobj(TokenizedEmbeddingReq(rid, input_ids))
+            out = await q.get()
+        finally:
+            self._queues.pop(rid, None)
+        if isinstance(out, Exception):
+            raise out
+        if out.error is not None:
+            raise ValueError(out.error)
+        return out.embeddings
 
     async def flush_cache(self) -> bool:
         self.check_alive()

@@ -60,6 +60,10 @@ def run_engine_process(args: ServerArgs, in_addr: str, out_addr: str) -> None:
     recv.connect(in_addr)
     send = ctx.socket(zmq.PUSH)
     send.connect(out_addr)
+    if args.is_embedding:
+        from radixserve.engine.embedding import run_embedding_loop
+
+        return run_embedding_loop(args, recv, send)
     parent = os.getppid()
     try:
         from radixserve.engine.model_runner import ModelRunner

@@ -83,8 +83,38 @@ class EngineReady:
     attention_backend: str
     eos_token_ids: list[int]
     is_embedding: bool = False
+    embedding: EmbeddingModelInfo | None = None  # set by an embedding engine
 
 
 @dataclass
 class EngineFailed:
     error: str
+
+
+@dataclass
+class TokenizedEmbeddingReq:
+    """Embed a batch of token-id sequences (embedding mode only)."""
+
+    rid: str
+    input_ids: list[list[int]]
+
+
+@dataclass
+class EmbeddingOutput:
+    """One vector per input sequence, or the reason none could be made."""
+
+    rid: str
+    embeddings: list[list[float]] = field(default_factory=list)
+    prompt_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class EmbeddingModelInfo:
+    """What an embedding engine tells the front in its EngineReady."""
+
+    dimensions: int
+    # dimensions the model was trained to be cut to (Matryoshka); None: cutting is refused
+    matryoshka_dimensions: list[int] | None
+    pooling: str
+    normalize: bool
