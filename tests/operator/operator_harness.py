@@ -56,3 +56,11 @@ def obj(kmock: kmock_lib.KubernetesEmulator, resource: str, name: str = "demo") 
     if found.deleted:
         raise KeyError((resource, NS, name))
     return found.raw
+
+
+def absent(kmock: kmock_lib.KubernetesEmulator, resource: str, name: str = "demo") -> bool:
+    try:
+        obj(kmock, resource, name)
+    except KeyError:
+        return True
+    return False
