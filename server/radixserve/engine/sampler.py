@@ -57,6 +57,7 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
     return logits
 
 
+@torch.inference_mode()
 def sample(
     logits: torch.Tensor, rows: list[SamplingRow], shared: torch.Generator | None = None
 ) -> tuple[list[int], list[tuple[float, list[tuple[int, float]]]] | None]:
