@@ -29,8 +29,11 @@ lint: setup
 	$(VENV)/bin/ruff check server operator tests bench
 	$(VENV)/bin/ruff format --check server operator tests bench
 
+# Installs the peers into bench/.peers/ on first use (llama.cpp builds from source: ~11 min
+# on 2 cores), then runs them one after another; BENCH_ARGS passes options to run_peers.py.
 bench: setup
-	$(PY) bench/run_peers.py
+	$(PIP) install -q -e '.[bench]'
+	$(PY) bench/run_peers.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
