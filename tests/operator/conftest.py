@@ -62,16 +62,23 @@ async def operator(cluster: kmock_lib.KubernetesEmulator) -> AsyncIterator[Recon
         settings.posting.enabled = False  # kmock names objects by metadata.name only
         settings.watching.reconnect_backoff = 0.1
 
-    # kopf cancels every task that appeared while it ran (its own leftovers); the
-    # fixture's teardown task is one, so it is added to the tasks kopf leaves alone.
-    untouchable = set(asyncio.all_tasks())
+    # On stop, kopf gives every task that appeared while it ran (besides its root tasks)
+    # 5s to finish, then cancels it. Here those are kmock's server tasks, this teardown
+    # and kopf's timers (which the root tasks' own shutdown stops); once stopping, the
+    # collection below tells kopf to leave them all to the event loop's own cleanup.
+    stopping = False
+
+    class Untouchable(set):
+        def __contains__(self, task: object) -> bool:
+            return stopping or super().__contains__(task)
+
     stop = asyncio.Event()
     tasks = await kopf.spawn_tasks(
         registry=registry, clusterwide=True, standalone=True, stop_flag=stop
     )
-    runner = asyncio.create_task(kopf.run_tasks(tasks, ignored=untouchable))
+    runner = asyncio.create_task(kopf.run_tasks(tasks, ignored=Untouchable(asyncio.all_tasks())))
     yield reconciler
-    untouchable.add(asyncio.current_task())
+    stopping = True
     stop.set()
     done, _ = await asyncio.wait({runner}, timeout=15)
     assert runner in done, "the operator did not stop within 15s"
