@@ -110,6 +110,8 @@ class EngineClient:
         )
         self._proc.start()
         tokenizer_task = asyncio.get_running_loop().run_in_executor(None, self._load_tokenizer)
+        # retrieved even when the engine fails first (else asyncio logs a stray traceback)
+        tokenizer_task.add_done_callback(lambda f: f.cancelled() or f.exception())
         while True:
             if await self._recv.poll(500):
                 msg = pickle.loads(await self._recv.recv())
