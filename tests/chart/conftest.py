@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import pathlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import helm_python as helm
 import pytest
 import yaml
-
-CHART = pathlib.Path(__file__).resolve().parents[2] / "charts" / "radixserve"
-
-Render = Callable[..., list[dict[str, Any]]]
+from chart_harness import CHART, Render
 
 
 @pytest.fixture(scope="module")

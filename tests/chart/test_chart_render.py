@@ -10,7 +10,7 @@ import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import CHART, Render
+from chart_harness import CHART, Render
 from radixserve_operator import spec as specs
 from radixserve_operator.kube import PLURALS
 
