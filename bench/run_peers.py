@@ -422,7 +422,7 @@ def plot(records: list[dict], stem: Path) -> None:
                 vals = sorted(v * scale for v in vals if v > 0)
                 if vals:
                     ys = [(i + 1) / len(vals) for i in range(len(vals))]
-                    ax.plot(vals, ys, label=p)
+                    ax.step(vals, ys, where="post", label=p)
             ax.set(xscale="log", xlabel=f"{label} (ms)", ylabel="CDF", title=f"concurrency {c}")
             ax.grid(alpha=0.3)
         axes[0].legend()

@@ -191,7 +191,7 @@ def test_metrics_on_crafted_timings():
     assert m.itl_ms.median == pytest.approx(100.0)
     assert m.itl_ms.p99 == pytest.approx(200.0 + 0.95 * 200.0)
     assert m.itl_ms.max == pytest.approx(400.0)
-    assert m.e2e_ms.median == pytest.approx(500.0)
+    assert m.e2e_latency_ms.median == pytest.approx(500.0)
 
     table = format_table(m)
     assert "Successful requests:" in table and "Median TTFT (ms):" in table
@@ -334,6 +334,7 @@ def test_end_to_end_against_a_real_server(hf_server, tmp_path):
         assert sum(len(gaps) for gaps in rec["itls"]) > 0
         assert all(0 < t <= e for t, e in zip(rec["ttfts"], rec["e2e_latencies"], strict=True))
         assert rec["output_throughput"] > 0
+        assert rec["median_e2e_latency_ms"] >= rec["median_ttft_ms"] > 0
     assert first["request_rate"] == "inf" and second["request_rate"] == 50.0
 
 

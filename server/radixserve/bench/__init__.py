@@ -73,7 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-concurrency", type=int, help="cap on requests in flight")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--warmup-requests", type=int, default=1)
+    p.add_argument(
+        "--warmup-requests",
+        type=int,
+        default=1,
+        help="uncounted requests sent first (random prompts, so no workload prefix is cached)",
+    )
     p.add_argument(
         "--disable-ignore-eos",
         action="store_true",
@@ -139,6 +144,16 @@ def make_requests(args: argparse.Namespace, tokenizer: Any) -> list[BenchRequest
     )
 
 
+def warmup_requests(count: int, tokenizer: Any, seed: int) -> list[BenchRequest]:
+    """Short random prompts: drawn apart from the workload so that warming up does not
+    leave any measured prompt in a server's prefix cache."""
+    if count <= 0:
+        return []
+    return sample_random(
+        count, tokenizer, input_len=128, output_len=16, range_ratio=1.0, seed=seed + 10_000
+    )
+
+
 def flatten_metrics(m: BenchMetrics) -> dict[str, Any]:
     """Metrics as flat keys in bench_serving's naming (mean_ttft_ms, p99_itl_ms, ...)."""
     flat: dict[str, Any] = {}
@@ -172,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     tokenizer = load_tokenizer(args.tokenizer)
     requests = make_requests(args, tokenizer)
+    warmup = warmup_requests(args.warmup_requests, tokenizer, args.seed)
     ignore_eos = not args.disable_ignore_eos
     record: dict[str, Any] = {
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -190,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             requests,
             model_path=args.model_path,
             engine_args=_engine_args(args.engine_arg),
-            warmup_requests=args.warmup_requests,
+            warmup=warmup,
             ignore_eos=ignore_eos,
         )
         print(format_offline(offline))
@@ -209,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                 model=args.model,
                 request_rate=args.request_rate,
                 max_concurrency=args.max_concurrency,
-                warmup_requests=args.warmup_requests,
+                warmup=warmup,
                 ignore_eos=ignore_eos,
                 seed=args.seed,
                 api_key=args.api_key,

@@ -68,7 +68,7 @@ class BenchMetrics:
     ttft_ms: Stat
     tpot_ms: Stat
     itl_ms: Stat
-    e2e_ms: Stat
+    e2e_latency_ms: Stat
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,7 +100,7 @@ def compute_metrics(results: list[RequestResult], duration_s: float) -> BenchMet
         ttft_ms=Stat.of([r.ttft for r in ok]),
         tpot_ms=Stat.of(tpots),
         itl_ms=Stat.of(itls),
-        e2e_ms=Stat.of([r.latency for r in ok]),
+        e2e_latency_ms=Stat.of([r.latency for r in ok]),
     )
 
 
@@ -119,7 +119,7 @@ def format_table(m: BenchMetrics, title: str = "Serving Benchmark Result") -> st
         ("Concurrency:", f"{m.concurrency:.2f}"),
     ]
     for name, short, stat in (
-        ("End-to-End Latency", "E2E Latency", m.e2e_ms),
+        ("End-to-End Latency", "E2E Latency", m.e2e_latency_ms),
         ("Time to First Token", "TTFT", m.ttft_ms),
         ("Time per Output Token (excl. 1st token)", "TPOT", m.tpot_ms),
         ("Inter-Token Latency", "ITL", m.itl_ms),

@@ -7,6 +7,7 @@ overhead (HTTP, SSE, detokenization in the other process).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -40,7 +41,7 @@ def run_offline(
     *,
     model_path: str | None = None,
     engine_args: dict[str, Any] | None = None,
-    warmup_requests: int = 1,
+    warmup: Sequence[BenchRequest] = (),
     ignore_eos: bool = True,
 ) -> OfflineMetrics:
     """Submit the whole workload in one `generate` call and time it.
@@ -51,11 +52,10 @@ def run_offline(
     from radixserve import Engine
 
     with Engine(model_path=model_path, **(engine_args or {})) as engine:
-        if warmup_requests > 0:
-            warm = [requests[i % len(requests)] for i in range(warmup_requests)]
+        if warmup:
             engine.generate(
-                prompt=[r.prompt for r in warm],
-                sampling_params=[sampling_params(r, ignore_eos) for r in warm],
+                prompt=[r.prompt for r in warmup],
+                sampling_params=[sampling_params(r, ignore_eos) for r in warmup],
             )
         start = time.perf_counter()
         outputs = engine.generate(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import aiohttp
 import numpy as np
@@ -46,7 +46,7 @@ async def run_benchmark(
     model: str | None = None,
     request_rate: float = float("inf"),
     max_concurrency: int | None = None,
-    warmup_requests: int = 1,
+    warmup: Sequence[BenchRequest] = (),
     ignore_eos: bool = True,
     seed: int = 0,
     api_key: str | None = None,
@@ -54,8 +54,8 @@ async def run_benchmark(
 ) -> tuple[BenchMetrics, list[RequestResult]]:
     """Run `requests` against the server at `base_url` and summarise the timings.
 
-    Warm-up requests (the first few of the workload, run concurrently) are not counted: they
-    absorb one-off costs such as lazy initialisation and first-time compilation. Output tokens
+    The `warmup` requests run first, concurrently, and are not counted: they absorb one-off
+    costs such as lazy initialisation and first-time compilation. Output tokens
     are the server's own count where it reports one, else `count_tokens` of the text.
     """
     send = BACKENDS[backend]
@@ -66,10 +66,9 @@ async def run_benchmark(
         if model is None and backend != "radixserve":
             model = await fetch_model_name(session, base_url, headers)
 
-        if warmup_requests > 0:
-            warm = [requests[i % len(requests)] for i in range(warmup_requests)]
+        if warmup:
             outcomes = await asyncio.gather(
-                *(send(session, base_url, r, model, ignore_eos, headers) for r in warm)
+                *(send(session, base_url, r, model, ignore_eos, headers) for r in warmup)
             )
             if not any(o.success for o in outcomes):
                 raise RuntimeError(f"warm-up failed: {outcomes[0].error}")
