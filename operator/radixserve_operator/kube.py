@@ -9,6 +9,7 @@ in tests), so nothing here is tied to one way of logging in.
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,7 +63,9 @@ class KubeClient:
         try:
             config.load_incluster_config(client_configuration=cfg)
         except config.ConfigException:
-            config.load_kube_config(client_configuration=cfg)
+            # Read KUBECONFIG now: the library's default is fixed when it is imported.
+            path = os.environ.get("KUBECONFIG") or None
+            config.load_kube_config(config_file=path, client_configuration=cfg)
         if not cfg.verify_ssl:
             context: ssl.SSLContext | bool = False
         else:
