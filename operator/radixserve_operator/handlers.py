@@ -6,6 +6,7 @@ run the same handlers, each with its own way of logging in to the API.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import kopf
@@ -24,7 +25,9 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
     )
-    settings.posting.level = 20  # INFO and up become Events on the ModelDeployment
+    # Warnings and errors (a bad spec, a failed apply) become Events on the ModelDeployment;
+    # INFO would add one for every timer run.
+    settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
 
@@ -43,20 +46,17 @@ def register(
     async def cleanup(**_: Any) -> None:
         await reconciler.kube.close()
 
-    @kopf.on.probe(id="reconciler", registry=registry)
-    def alive(**_: Any) -> bool:
-        return True
-
-    @kopf.on.create(*resource, registry=registry)
-    @kopf.on.update(*resource, field="spec", registry=registry)
-    @kopf.on.resume(*resource, registry=registry)
+    # Explicit ids: kopf names its progress annotations after them.
+    @kopf.on.create(*resource, id="apply", registry=registry)
+    @kopf.on.update(*resource, id="apply", field="spec", registry=registry)
+    @kopf.on.resume(*resource, id="apply", registry=registry)
     async def apply(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
         state = await reconciler.reconcile(body, logger)
         if state["phase"] == "Failed":
             # Recorded as an Event; kopf tries again only when the spec changes.
             raise kopf.PermanentError(state["message"])
 
-    @kopf.timer(*resource, interval=resync_seconds, idle=None, registry=registry)
+    @kopf.timer(*resource, id="resync", interval=resync_seconds, registry=registry)
     async def resync(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
         """Put back hand-made changes to children and refresh the model probe."""
         await reconciler.reconcile(body, logger)
