@@ -82,3 +82,4 @@ async def operator(cluster: kmock_lib.KubernetesEmulator) -> AsyncIterator[Recon
     stop.set()
     done, _ = await asyncio.wait({runner}, timeout=15)
     assert runner in done, "the operator did not stop within 15s"
+    await reconciler.kube.close()  # a handler may have reopened it after kopf's cleanup

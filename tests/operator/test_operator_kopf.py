@@ -205,3 +205,32 @@ async def test_deletion_releases_the_finalizer(cluster, operator) -> None:
     # Kubernetes' garbage collector removes the children through their owner reference;
     # kmock runs no collector, so the reference itself is what is checked.
     assert obj(cluster, DEPLOYMENTS)["metadata"]["ownerReferences"][0]["uid"] == "uid-demo"
+
+
+async def test_missing_inference_pool_crd_degrades_but_still_serves(cluster, operator) -> None:
+    pools = f"/apis/inference.networking.k8s.io/v1/namespaces/{NS}/inferencepools"
+    cluster[f"post {pools}"] << kmock_lib.KubernetesResourceNotFoundError
+    cluster.objects[MD, NS, "demo"] = model_deployment(
+        inferencePool={"endpointPickerRef": {"name": "epp", "port": 9002}}
+    )
+
+    status = await eventually(
+        lambda: (s := obj(cluster, MD).get("status")) and s["phase"] == "Degraded" and s
+    )
+    assert (
+        "InferencePool CRD (inference.networking.k8s.io/v1) is not installed" in (status["message"])
+    )
+    assert not absent(cluster, DEPLOYMENTS)
+    assert not absent(cluster, "v1/services")
+
+
+async def test_operator_restart_resumes_and_reapplies(cluster, operator) -> None:
+    # A ModelDeployment an earlier operator run already handled: kopf resumes it.
+    handled = model_deployment(replicas=2)
+    handled["metadata"]["annotations"] = {
+        "radixserve.dev/last-handled-configuration": '{"spec":{"replicas":2}}\n'
+    }
+    cluster.objects[MD, NS, "demo"] = handled
+
+    deployment = await eventually(lambda: obj(cluster, DEPLOYMENTS))
+    assert deployment["spec"]["replicas"] == 2
