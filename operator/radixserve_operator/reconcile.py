@@ -101,6 +101,9 @@ def merge_patch(live: dict[str, Any], desired: dict[str, Any]) -> dict[str, Any]
     return _deep_merge(removed(last, desired), desired)
 
 
+PROBE_DISABLED = status.Probe(True, "ProbeDisabled", "model probing is off; trusting pod readiness")
+
+
 def now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -207,11 +210,7 @@ class Reconciler:
             problems=problems,
             warnings=warnings,
             deployment=deployment,
-            probe=probe
-            if self.probe_models
-            else status.Probe(
-                True, "ProbeDisabled", "model probing is off; trusting pod readiness"
-            ),
+            probe=probe if self.probe_models else PROBE_DISABLED,
         )
         previous = body.get("status", {}) or {}
         new_status = status.build(seen, previous.get("conditions", []), now())
@@ -228,12 +227,7 @@ class Reconciler:
             if build(name, namespace, spec) is not None:
                 continue
             path = object_path(api_version, kind, namespace, child_name(name))
-            try:
-                live = await self.kube.get(path)
-            except ApiError as error:
-                if error.status == 404:
-                    continue
-                raise
+            live = await self.kube.get(path)  # None also when the kind is not installed
             owners = (live or {}).get("metadata", {}).get("ownerReferences", [])
             if any(ref.get("kind") == KIND and ref.get("name") == name for ref in owners):
                 await self.kube.delete(path)
