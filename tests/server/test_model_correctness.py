@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
-
 from radixserve.config import ServerArgs
 from radixserve.engine.io_struct import TokenizedGenerateReq
 from radixserve.engine.model_runner import ModelRunner
@@ -18,6 +16,7 @@ from radixserve.engine.sampling_params import SamplingParams
 from radixserve.engine.scheduler import Scheduler
 from radixserve.layers.attention import ForwardBatch
 from radixserve.models.loader import default_model_path, resolve_model
+from transformers import AutoConfig, AutoModelForCausalLM
 
 LOGIT_ATOL = 2e-4  # float32; observed max differences are around 1e-5
 
@@ -117,7 +116,9 @@ def check(runner: ModelRunner, ref, ids: list[int]) -> None:
 @pytest.mark.parametrize("kind", sorted(TINY))
 def test_tiny_random_models_match_transformers(tmp_path_factory, kind):
     path = tiny_model_dir(tmp_path_factory, kind)
-    runner = ModelRunner(ServerArgs(model_path=path, dtype="float32", device="cpu", max_total_tokens=1024))
+    runner = ModelRunner(
+        ServerArgs(model_path=path, dtype="float32", device="cpu", max_total_tokens=1024)
+    )
     ids = torch.randint(0, 320, (40,), generator=torch.Generator().manual_seed(1)).tolist()
     check(runner, reference(path), ids)
 
@@ -126,5 +127,34 @@ def test_default_model_matches_transformers():
     runner = ModelRunner(ServerArgs(dtype="float32", device="cpu", max_total_tokens=1024))
     src = resolve_model(default_model_path())
     ref = reference(src.folder, src.gguf_file)
-    ids = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3717, 314, 1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
+    ids = [
+        1,
+        9690,
+        198,
+        2683,
+        359,
+        253,
+        5356,
+        5646,
+        11173,
+        3365,
+        3717,
+        314,
+        1,
+        4093,
+        198,
+        1780,
+        314,
+        260,
+        3575,
+        282,
+        4649,
+        47,
+        2,
+        198,
+        1,
+        520,
+        9531,
+        198,
+    ]
     check(runner, ref, ids)

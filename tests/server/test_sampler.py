@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-
 from radixserve.engine.sampler import SamplingRow, apply_penalties, sample
 from radixserve.engine.sampling_params import SamplingParams
 
@@ -25,7 +24,9 @@ def test_greedy_is_argmax_and_top_k_1_equals_greedy():
 
 def test_frequency_and_presence_penalties_follow_their_definitions():
     logits = torch.zeros(1, 5)
-    out = apply_penalties(logits, [row(output=[1, 1, 1, 3], frequency_penalty=0.5, presence_penalty=0.25)])
+    out = apply_penalties(
+        logits, [row(output=[1, 1, 1, 3], frequency_penalty=0.5, presence_penalty=0.25)]
+    )
     # token 1 seen 3 times: -0.5*3 - 0.25; token 3 once: -0.5 - 0.25; others untouched
     assert torch.allclose(out[0], torch.tensor([0.0, -1.75, 0.0, -0.75, 0.0]))
 
@@ -48,7 +49,9 @@ def test_logit_bias_and_min_new_tokens():
     out = apply_penalties(logits, [row(logit_bias={3: 5.0})])
     assert out[0].tolist() == [0.0, 0.0, 0.0, 5.0]
     logits = torch.tensor([[0.0, 0.0, 9.0, 0.0]])
-    ids, _ = sample(logits, [row(output=[1], stop_ids=[2], temperature=0, min_new_tokens=3, max_new_tokens=8)])
+    ids, _ = sample(
+        logits, [row(output=[1], stop_ids=[2], temperature=0, min_new_tokens=3, max_new_tokens=8)]
+    )
     assert ids != [2]  # eos is masked until min_new_tokens are out
 
 
@@ -57,7 +60,10 @@ def test_same_seed_same_draws_whatever_shares_the_batch():
     r = row(seed=7)
     alone = [sample(logits.clone(), [r])[0][0] for _ in range(20)]
     r2 = row(seed=7)
-    batched = [sample(torch.cat([logits, torch.randn(2, 50)]), [r2, row(), row(seed=99)])[0][0] for _ in range(20)]
+    batched = [
+        sample(torch.cat([logits, torch.randn(2, 50)]), [r2, row(), row(seed=99)])[0][0]
+        for _ in range(20)
+    ]
     assert alone == batched
     assert len(set(alone)) > 1  # it is sampling, not greedy
 

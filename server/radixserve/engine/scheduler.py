@@ -148,7 +148,7 @@ class Scheduler:
         return True
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.finished_outputs)
 
     # ---- memory ----------------------------------------------------------------------
     def _alloc(self, n: int) -> torch.Tensor | None:
