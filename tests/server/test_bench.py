@@ -338,16 +338,24 @@ def test_end_to_end_against_a_real_server(hf_server, tmp_path):
     assert first["request_rate"] == "inf" and second["request_rate"] == 50.0
 
 
-def test_end_to_end_reports_failures_when_nothing_listens(tmp_path):
-    port = _free_port()
+@pytest.mark.parametrize(
+    ("backend", "warmup"),
+    [("radixserve", "0"), ("radixserve", "1"), ("openai", "0")],
+)
+def test_nothing_listening_is_a_failed_run_not_a_crash(backend, warmup, capsys):
     argv = [
-        "--backend", "radixserve",
-        "--port", str(port),
+        "--backend", backend,
+        "--port", str(_free_port()),
         "--dataset-name", "random",
         "--random-input-len", "8",
         "--random-output-len", "2",
         "--num-prompts", "2",
-        "--warmup-requests", "0",
+        "--warmup-requests", warmup,
         "--disable-tqdm",
     ]  # fmt: skip
     assert bench_main(argv) == 1
+    out = capsys.readouterr()
+    if backend == "radixserve" and warmup == "0":
+        assert "Failed requests:                                 2" in out.out
+    else:  # the warm-up or the model lookup finds no server
+        assert "radixserve bench:" in out.err

@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Any
 
+import aiohttp
+
 from radixserve.bench.backends import BACKENDS
 from radixserve.bench.datasets import (
     BenchRequest,
@@ -216,22 +218,26 @@ def main(argv: list[str] | None = None) -> int:
         from radixserve.bench.serving import run_benchmark
 
         base_url = (args.base_url or f"http://{args.host}:{args.port}").rstrip("/")
-        metrics, results = asyncio.run(
-            run_benchmark(
-                backend=args.backend,
-                base_url=base_url,
-                requests=requests,
-                count_tokens=lambda text: len(tokenizer.encode(text, add_special_tokens=False)),
-                model=args.model,
-                request_rate=args.request_rate,
-                max_concurrency=args.max_concurrency,
-                warmup=warmup,
-                ignore_eos=ignore_eos,
-                seed=args.seed,
-                api_key=args.api_key,
-                progress=not args.disable_tqdm,
+        try:
+            metrics, results = asyncio.run(
+                run_benchmark(
+                    backend=args.backend,
+                    base_url=base_url,
+                    requests=requests,
+                    count_tokens=lambda text: len(tokenizer.encode(text, add_special_tokens=False)),
+                    model=args.model,
+                    request_rate=args.request_rate,
+                    max_concurrency=args.max_concurrency,
+                    warmup=warmup,
+                    ignore_eos=ignore_eos,
+                    seed=args.seed,
+                    api_key=args.api_key,
+                    progress=not args.disable_tqdm,
+                )
             )
-        )
+        except (RuntimeError, aiohttp.ClientError) as exc:  # warm-up failed, server unreachable
+            print(f"radixserve bench: {exc}", file=sys.stderr)
+            return 1
         print(format_table(metrics))
         record |= {
             "mode": "online",
