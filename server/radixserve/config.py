@@ -47,6 +47,10 @@ class ServerArgs:
     api_key: str | None = _f(
         None, "require `Authorization: Bearer KEY` (prefer RADIXSERVE_API_KEY)"
     )
+    max_request_body_bytes: int = _f(
+        16 * 1024 * 1024, "largest request body accepted; bigger ones get 413"
+    )
+    log_requests: bool = _f(False, "log one line per finished request")
     # memory and batching
     mem_fraction_static: float = _f(0.85, "fraction of device memory for weights + KV cache (CUDA)")
     max_total_tokens: int | None = _f(None, "KV cache size in tokens (default: from memory)")
@@ -81,7 +85,13 @@ class ServerArgs:
             value = getattr(self, f.name)
             if choices and value not in choices:
                 raise ValueError(f"{flag_name(f)}: {value!r} is not one of {', '.join(choices)}")
-        positive = ("max_running_requests", "max_prefill_tokens", "tp_size", "stream_interval")
+        positive = (
+            "max_running_requests",
+            "max_prefill_tokens",
+            "tp_size",
+            "stream_interval",
+            "max_request_body_bytes",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
@@ -100,7 +110,8 @@ class ServerArgs:
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
         for f in dataclasses.fields(cls):
             env = ENV_PREFIX + f.name.upper()
-            kw: dict[str, Any] = {"dest": f.name, "help": f"{f.metadata['help']} [env {env}]"}
+            help = f"{f.metadata['help']} (default: {f.default}) [env {env}]"
+            kw: dict[str, Any] = {"dest": f.name, "help": help}
             if f.metadata.get("choices"):
                 kw["choices"] = f.metadata["choices"]
             names = [flag_name(f)]

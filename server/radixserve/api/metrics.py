@@ -1,0 +1,133 @@
+"""Prometheus metrics, all named `radixserve_*`, in a registry of the app's own.
+
+Engine-side numbers (running, queued, KV usage, token counters) are read from the engine's
+latest stats at scrape time, so they cannot drift from the engine. Latencies are measured
+here, in the HTTP process, where the client's clock runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from radixserve.engine.client import GenerateChunk
+from radixserve.engine.io_struct import EngineStats
+
+logger = logging.getLogger("radixserve.requests")
+
+_LATENCY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0,
+)  # fmt: skip
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class _EngineCollector:
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+        self._stats = stats
+
+    def collect(self):
+        s = self._stats()
+        yield GaugeMetricFamily(
+            "radixserve_num_running_reqs", "requests decoding now", value=s.num_running
+        )
+        yield GaugeMetricFamily(
+            "radixserve_num_queue_reqs", "requests waiting for admission", value=s.num_waiting
+        )
+        ratio = s.kv_used_tokens / s.kv_total_tokens if s.kv_total_tokens else 0.0
+        yield GaugeMetricFamily(
+            "radixserve_kv_cache_usage_ratio",
+            "KV slots held by requests / all KV slots (cached prefixes not counted)",
+            value=ratio,
+        )
+        yield GaugeMetricFamily(
+            "radixserve_kv_cache_total_tokens", "KV cache capacity", value=s.kv_total_tokens
+        )
+        for name, doc, value in (
+            ("prefix_cache_hit_tokens", "prompt tokens served from the prefix cache", s.cache_hit_tokens),
+            ("prompt_tokens", "prompt tokens admitted", s.prompt_tokens),
+            ("generation_tokens", "tokens generated", s.generation_tokens),
+            ("retractions", "requests preempted for lack of KV memory", s.num_retractions),
+        ):  # fmt: skip
+            yield CounterMetricFamily(f"radixserve_{name}", doc, value=value)
+
+
+class Metrics:
+    def __init__(self, stats: Callable[[], EngineStats], log_requests: bool = False) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineCollector(stats))
+        self.log_requests = log_requests
+        self.http_requests = Counter(
+            "radixserve_http_requests",
+            "HTTP requests answered, by route and status code",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.finished = Counter(
+            "radixserve_finished_sequences",
+            "generated sequences, by finish reason (stop, length, abort)",
+            ["finish_reason"],
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "radixserve_time_to_first_token_seconds",
+            "arrival to first generated token",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.itl = Histogram(
+            "radixserve_inter_token_latency_seconds",
+            "time between generated tokens of one sequence",
+            buckets=_ITL_BUCKETS,
+            registry=self.registry,
+        )
+        self.e2e = Histogram(
+            "radixserve_e2e_request_latency_seconds",
+            "arrival to last token",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def timer(self, arrival: float, route: str) -> SequenceTimer:
+        return SequenceTimer(self, arrival, route)
+
+
+class SequenceTimer:
+    """Feeds one sequence's chunks into the latency histograms as they pass by."""
+
+    def __init__(self, metrics: Metrics, arrival: float, route: str) -> None:
+        self.m = metrics
+        self.arrival = arrival
+        self.route = route
+        self.last: float | None = None
+        self.done = False
+
+    def on_chunk(self, chunk: GenerateChunk) -> None:
+        now = time.perf_counter()
+        if chunk.new_ids:
+            if self.last is None:
+                self.m.ttft.observe(now - self.arrival)
+            else:
+                gap = (now - self.last) / len(chunk.new_ids)
+                for _ in chunk.new_ids:
+                    self.m.itl.observe(gap)
+            self.last = now
+        if chunk.finish_reason is not None and not self.done:
+            self.done = True
+            reason = chunk.finish_reason.get("type", "unknown")
+            self.m.e2e.observe(now - self.arrival)
+            self.m.finished.labels(reason).inc()
+            if self.m.log_requests:
+                logger.info(
+                    "%s %s: prompt %d (cached %d), completion %d, finish %s, %.3fs",
+                    self.route,
+                    chunk.rid,
+                    chunk.prompt_tokens,
+                    chunk.cached_tokens,
+                    chunk.completion_tokens,
+                    reason,
+                    now - self.arrival,
+                )

@@ -1,0 +1,222 @@
+"""SGLang's native routes: /generate, /health, /health_generate, /server_info, /flush_cache,
+/abort_request, /tokenize, /detokenize, /metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from radixserve import __version__
+from radixserve.api.app import ServerState, get_state
+from radixserve.api.errors import APIError, bad_request, error_body
+from radixserve.api.protocol import (
+    AbortRequest,
+    DetokenizeRequest,
+    GenerateRequest,
+    TokenizeRequest,
+)
+from radixserve.api.serving import (
+    DONE,
+    Sequences,
+    SSEResponse,
+    check_prompt,
+    collect,
+    make_params,
+    sse,
+    sse_error,
+    start_sequences,
+    until_disconnected,
+)
+from radixserve.engine.client import EngineError, GenerateChunk
+from radixserve.engine.sampling_params import SamplingParams
+
+router = APIRouter()
+
+
+# ---- generation -------------------------------------------------------------------------------
+def _output(state: ServerState, c: GenerateChunk, lps: list, arrival: float) -> dict:
+    meta = c.meta_info()
+    meta["e2e_latency"] = time.perf_counter() - arrival
+    if lps:
+        meta["output_token_logprobs"] = [[lp, t, state.token_text(t)] for t, lp, _ in lps]
+        meta["output_top_logprobs"] = [
+            [[alp, a, state.token_text(a)] for a, alp in alts] for _, _, alts in lps
+        ]
+    return {"text": c.text, "output_ids": c.output_ids, "meta_info": meta, "index": c.index}
+
+
+@router.post("/generate")
+async def generate(req: GenerateRequest, request: Request):
+    state = get_state(request)
+    state.check_ready()
+    state.check_generation()
+    if (req.text is None) == (req.input_ids is None):
+        raise bad_request("give exactly one of text or input_ids", "text")
+    if req.text is not None:
+        single = isinstance(req.text, str)
+        texts = [req.text] if single else req.text
+        prompts = [state.client.encode(t) for t in texts]
+        param = "text"
+    else:
+        single = not req.input_ids or isinstance(req.input_ids[0], int)
+        prompts = [list(req.input_ids)] if single else [list(x) for x in req.input_ids]
+        param = "input_ids"
+    if not prompts:
+        raise bad_request(f"{param}: must not be empty", param)
+    sp = req.sampling_params
+    if isinstance(sp, list) and len(sp) != len(prompts):
+        raise bad_request("sampling_params: need one entry per prompt", "sampling_params")
+    dicts = sp if isinstance(sp, list) else [sp or {}] * len(prompts)
+    params: list[SamplingParams] = [make_params(d, state, openai_names=False) for d in dicts]
+    if len({p.n for p in params}) > 1:
+        raise bad_request("sampling_params: n must be the same for every prompt", "n")
+    for ids, p in zip(prompts, params, strict=True):
+        check_prompt(state, ids, p.max_new_tokens, param, "max_new_tokens")
+    seqs = await start_sequences(
+        state, prompts, params, "/generate", req.rid, req.return_logprob, req.top_logprobs_num
+    )
+    if req.stream:
+        return SSEResponse(_stream_generate(state, seqs))
+    finals = await until_disconnected(request, collect(seqs))
+    outs = [_output(state, f.chunk, f.logprobs, seqs.arrival) for f in finals]
+    return outs[0] if single and params[0].n == 1 else outs
+
+
+async def _stream_generate(state: ServerState, seqs: Sequences) -> AsyncIterator[str]:
+    """SGLang's stream: each event carries the cumulative text and the new token logprobs."""
+    try:
+        async for c in seqs.merged():
+            yield sse(_output(state, c, c.logprobs, seqs.arrival))
+    except (EngineError, APIError) as e:
+        yield sse_error(e)
+    finally:
+        await seqs.aclose()
+    yield DONE
+
+
+# ---- health -------------------------------------------------------------------------------------
+def _status(state: ServerState) -> str:
+    if state.failure or state.client.dead:
+        return "dead"
+    if state.draining:
+        return "draining"
+    if state.info is None:
+        return "loading"
+    return "ok" if state.client.healthy else "stalled"
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    """Cheap: what the engine client already knows, no request to the engine."""
+    state = get_state(request)
+    status = _status(state)
+    if status == "ok":
+        return JSONResponse({"status": "ok"})
+    body = error_body(503, f"server is {status}", code=f"server_{status}")
+    body["status"] = status
+    return JSONResponse(body, status_code=503)
+
+
+@router.get("/health_generate")
+async def health_generate(request: Request) -> dict:
+    """A real one-token pass through the engine (or one embedding)."""
+    state = get_state(request)
+    state.check_ready()
+    try:
+        if state.info.is_embedding:
+            await state.client.embed([state.client.encode("ping")])
+        else:
+            params = SamplingParams(max_new_tokens=1, temperature=0.0)
+            seqs = await start_sequences(
+                state, [state.client.encode("ping")], [params], "/health_generate"
+            )
+            await collect(seqs)
+    except EngineError as e:
+        raise APIError(503, f"engine unavailable: {e}", code="engine_error") from e
+    return {"status": "ok"}
+
+
+# ---- server management --------------------------------------------------------------------------
+@router.get("/server_info")
+async def server_info(request: Request) -> dict:
+    state = get_state(request)
+    info = dataclasses.asdict(state.info) if state.info else None
+    return {
+        **state.args.public_dict(),
+        "version": __version__,
+        "served_model_name": state.model_name,
+        "status": _status(state),
+        "engine": info,
+        "engine_pid": state.client.pid,
+        "stats": dataclasses.asdict(state.client.stats),
+        "in_flight_requests": state.in_flight,
+    }
+
+
+@router.api_route("/flush_cache", methods=["GET", "POST"])
+async def flush_cache(request: Request) -> dict:
+    state = get_state(request)
+    state.check_ready()
+    try:
+        ok = await state.client.flush_cache()
+    except EngineError as e:
+        raise APIError(503, f"engine unavailable: {e}", code="engine_error") from e
+    if not ok:
+        raise APIError(
+            400, "cache not flushed: requests are running; retry when idle", code="engine_busy"
+        )
+    return {"success": True, "message": "cache flushed"}
+
+
+@router.post("/abort_request")
+async def abort_request(req: AbortRequest, request: Request) -> dict:
+    """Abort by the rid a request was sent with (all its n sequences), or everything."""
+    state = get_state(request)
+    state.check_ready()
+    if not req.abort_all and not req.rid:
+        raise bad_request("rid: give a request id, or abort_all=true", "rid")
+    hits = [
+        r
+        for r in list(state.active_rids)
+        if req.abort_all or r == req.rid or r.startswith(f"{req.rid}-")
+    ]
+    for r in hits:
+        state.client.abort(r)
+    return {"aborted": sorted(hits)}
+
+
+@router.post("/tokenize")
+async def tokenize(req: TokenizeRequest, request: Request) -> dict:
+    state = get_state(request)
+    state.check_ready()
+    state.check_model(req.model)
+    text = req.prompt if req.prompt is not None else req.text
+    if text is None:
+        raise bad_request("prompt: required", "prompt")
+    ids = state.client.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
+    return {"tokens": ids, "count": len(ids), "max_model_len": state.info.context_length}
+
+
+@router.post("/detokenize")
+async def detokenize(req: DetokenizeRequest, request: Request) -> dict:
+    state = get_state(request)
+    state.check_ready()
+    state.check_model(req.model)
+    vocab = state.info.vocab_size
+    bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise bad_request(
+            f"tokens: token id {bad} is outside the vocabulary (size {vocab})", "tokens"
+        )
+    return {"text": state.client.tokenizer.decode(req.tokens)}
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    state = get_state(request)
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
