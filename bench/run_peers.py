@@ -261,7 +261,7 @@ def run_peer(
     jsonl: Path,
     log_dir: Path,
     commands: list[str],
-    run_timeout: float,
+    max_duration: float,
 ) -> None:
     log = open(log_dir / f"{peer.name}.log", "w")  # noqa: SIM115 - closed below
     print(f"\n=== {peer.name}: {shlex.join(peer.command)}", flush=True)
@@ -286,6 +286,7 @@ def run_peer(
                 "--output-file", str(jsonl),
                 "--output-details",
                 "--disable-tqdm",
+                "--max-duration", str(max_duration),
                 *w.args,
             ]  # fmt: skip
             commands.append(shlex.join(cmd))
@@ -293,9 +294,10 @@ def run_peer(
             print("+", shlex.join(cmd), flush=True)
             what = f"{w.name} at concurrency {w.concurrency}"
             try:
-                rc = subprocess.run(cmd, env=env, cwd=ROOT, timeout=run_timeout).returncode
+                # --max-duration ends the measured part; this bounds loading and warm-up too.
+                rc = subprocess.run(cmd, env=env, cwd=ROOT, timeout=max_duration + 300).returncode
             except subprocess.TimeoutExpired:
-                peer.notes.append(f"{what}: stopped after {run_timeout:.0f} s, no figures")
+                peer.notes.append(f"{what}: killed after {max_duration + 300:.0f} s, no figures")
                 print(f"!!! {peer.name}: {peer.notes[-1]}", flush=True)
                 continue
             if rc != 0:
@@ -315,6 +317,7 @@ COLUMNS = [
     ("max_concurrency", "concurrency"),
     ("num_prompts", "prompts"),
     ("completed", "completed"),
+    ("unfinished", "cut off"),
     ("failed", "failed"),
     ("duration_s", "duration s"),
     ("request_throughput", "req/s"),
@@ -469,7 +472,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gsp-output-len", type=int, default=32)
     p.add_argument("--gsp-concurrency", type=int, default=8)
     p.add_argument("--threads", type=int, default=cores(), help="compute threads per peer")
-    p.add_argument("--run-timeout", type=float, default=600, help="seconds per bench run")
+    p.add_argument(
+        "--max-duration",
+        type=float,
+        default=600,
+        help="seconds per bench run; a run cut short reports its finished requests",
+    )
     p.add_argument("--tag", default="cpu", help="results file suffix")
     return p.parse_args(argv)
 
@@ -500,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if float(loadavg().split()[0]) > args.threads:
             print(f"!!! load average {loadavg()} on {cores()} cores: figures will be noisy")
-        run_peer(peer, port, runs, jsonl, log_dir, commands, args.run_timeout)
+        run_peer(peer, port, runs, jsonl, log_dir, commands, args.max_duration)
 
     records = load_records(jsonl) if jsonl.exists() else []
     header = {

@@ -3,6 +3,7 @@ against a real server (the transformers baseline) on 127.0.0.1."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -27,6 +28,7 @@ from radixserve.bench.datasets import (
     sharegpt_path,
 )
 from radixserve.bench.metrics import RequestResult, compute_metrics, format_table
+from radixserve.bench.serving import run_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -255,6 +257,43 @@ async def test_radixserve_backend_request_and_stream_parsing():
     assert len(result.itl) == 3  # one gap per token after the first
     assert result.itl[0] == result.itl[1]  # the 2-token chunk's gap is split evenly
     assert 0 < result.ttft <= result.latency
+
+
+async def test_max_duration_reports_the_finished_requests_only():
+    async def generate(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        if body["text"] == "hang":
+            await asyncio.sleep(3600)
+        for count in (1, 2):
+            event = {"text": "ab"[:count], "meta_info": {"completion_tokens": count}}
+            await resp.write(f"data: {json.dumps(event)}\n\n".encode())
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/generate", generate)
+    # cancel the hanging handler when the client gives up, so cleanup does not wait for it
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    requests = [BenchRequest("hang", 1, 2), BenchRequest("quick", 1, 2)] * 2
+    try:
+        metrics, results = await run_benchmark(
+            backend="radixserve",
+            base_url=f"http://127.0.0.1:{port}",
+            requests=requests,
+            count_tokens=len,
+            max_duration=1.0,
+            progress=False,
+        )
+    finally:
+        await runner.cleanup()
+    assert len(results) == 2
+    assert (metrics.completed, metrics.failed, metrics.total_output_tokens) == (2, 0, 4)
 
 
 # --- end to end against a real server ---------------------------------------------------

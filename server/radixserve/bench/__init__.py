@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let requests stop at EOS (by default every server generates the same lengths)",
     )
+    p.add_argument(
+        "--max-duration",
+        type=float,
+        help="seconds; then cancel what is unfinished and report the finished requests",
+    )
     p.add_argument("--output-file", help="append one JSON line with the config and results")
     p.add_argument("--output-details", action="store_true", help="include per-request timings")
     p.add_argument("--tag", help="free-form label stored with the results")
@@ -233,18 +238,22 @@ def main(argv: list[str] | None = None) -> int:
                     seed=args.seed,
                     api_key=args.api_key,
                     progress=not args.disable_tqdm,
+                    max_duration=args.max_duration,
                 )
             )
         except (RuntimeError, aiohttp.ClientError) as exc:  # warm-up failed, server unreachable
             print(f"radixserve bench: {exc}", file=sys.stderr)
             return 1
         print(format_table(metrics))
+        if len(results) < len(requests):
+            print(f"stopped after --max-duration: {len(requests) - len(results)} unfinished")
         record |= {
             "mode": "online",
             "backend": args.backend,
             "base_url": base_url,
             "request_rate": args.request_rate if args.request_rate != float("inf") else "inf",
             "max_concurrency": args.max_concurrency,
+            "unfinished": len(requests) - len(results),
         }
         record |= flatten_metrics(metrics)
         if args.output_details:

@@ -51,12 +51,17 @@ async def run_benchmark(
     seed: int = 0,
     api_key: str | None = None,
     progress: bool = True,
+    max_duration: float | None = None,
 ) -> tuple[BenchMetrics, list[RequestResult]]:
     """Run `requests` against the server at `base_url` and summarise the timings.
 
     The `warmup` requests run first, concurrently, and are not counted: they absorb one-off
     costs such as lazy initialisation and first-time compilation. Output tokens
     are the server's own count where it reports one, else `count_tokens` of the text.
+
+    With `max_duration`, requests still unfinished after that many seconds are cancelled
+    and the summary covers the finished ones only (fewer results than requests): a slow
+    server then still yields figures, over a shorter run.
     """
     send = BACKENDS[backend]
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -76,20 +81,32 @@ async def run_benchmark(
         semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         bar = tqdm(total=len(requests), disable=not progress, desc=f"{backend}", unit="req")
 
-        async def one(request: BenchRequest) -> RequestResult:
+        results: list[RequestResult] = []
+
+        async def one(request: BenchRequest) -> None:
             if semaphore is None:
                 result = await send(session, base_url, request, model, ignore_eos, headers)
             else:
                 async with semaphore:
                     result = await send(session, base_url, request, model, ignore_eos, headers)
+            results.append(result)
             bar.update(1)
-            return result
+
+        tasks: list[asyncio.Task] = []
+
+        async def run_all() -> None:
+            async for request in poisson_arrivals(requests, request_rate, seed):
+                tasks.append(asyncio.create_task(one(request)))
+            await asyncio.gather(*tasks)
 
         start = time.perf_counter()
-        tasks = []
-        async for request in poisson_arrivals(requests, request_rate, seed):
-            tasks.append(asyncio.create_task(one(request)))
-        results = await asyncio.gather(*tasks)
+        try:
+            await asyncio.wait_for(run_all(), timeout=max_duration)
+        except TimeoutError:
+            # Report the finished requests; cancel the rest, including any not yet gathered.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         duration = time.perf_counter() - start
         bar.close()
 
