@@ -121,3 +121,61 @@ def test_shutdown_stops_the_engine_process():
     eng.shutdown()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 20},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "city": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]},
+    },
+    "required": ["name", "age", "city"],
+    "additionalProperties": False,
+}
+
+
+def test_json_schema_outputs_validate(engine):
+    import json
+
+    import jsonschema
+
+    ids = chat_ids(engine, "Describe a person as JSON.")
+    params = [
+        {"temperature": 0.8, "max_new_tokens": 96, "json_schema": json.dumps(PERSON), "seed": s}
+        for s in range(20)
+    ]
+    outs = engine.generate(input_ids=[ids] * 20, sampling_params=params)
+    for out in outs:
+        assert out["meta_info"]["finish_reason"]["type"] == "stop", out
+        jsonschema.validate(json.loads(out["text"]), PERSON)
+    assert len({o["text"] for o in outs}) > 1  # sampled, not one fixed answer
+
+
+def test_regex_and_ebnf_outputs_match(engine):
+    import re
+
+    ids = chat_ids(engine, "Give me a code.")
+    pattern = r"[A-Z]{3}-[0-9]{2,4}"
+    out = engine.generate(
+        input_ids=ids,
+        sampling_params={"temperature": 0.8, "seed": 1, "max_new_tokens": 16, "regex": pattern},
+    )
+    assert re.fullmatch(pattern, out["text"])
+    ebnf = 'root ::= "answer: " ("yes" | "no") "."'
+    out = engine.generate(
+        input_ids=ids,
+        sampling_params={"temperature": 0.8, "seed": 2, "max_new_tokens": 16, "ebnf": ebnf},
+    )
+    assert out["text"] in ("answer: yes.", "answer: no.")
+
+
+def test_bad_grammar_fails_the_request_with_400_and_not_the_engine(engine):
+    out = engine.generate("hi", {"regex": "[0-9"})
+    reason = out["meta_info"]["finish_reason"]
+    assert (
+        reason["type"] == "abort" and reason["status_code"] == 400 and "regex" in reason["message"]
+    )
+    with pytest.raises(ValueError, match="only one of"):
+        engine.generate("hi", {"regex": "a", "ebnf": 'root ::= "a"'})
+    assert engine.generate("hi", {"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2

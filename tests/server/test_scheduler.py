@@ -91,7 +91,7 @@ def assert_pool_whole(sched: Scheduler) -> None:
         assert sched.tree.protected_size == 0
 
 
-GREEDY = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
+GREEDY = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_tiny_prefill_chunks_change_nothing(env, one_at_a_time):
 
 def test_retraction_under_a_tiny_pool_keeps_outputs(env, one_at_a_time):
     longest = max(len(p) for p in env[3])
-    sched = make(env, pool_size=longest + 24 + 40)
+    sched = make(env, pool_size=longest + 16 + 40)
     result = run(sched, [(p, GREEDY) for p in env[3]])
     assert sched.stats.num_retractions > 0
     assert tokens(result) == one_at_a_time
@@ -172,14 +172,14 @@ def test_stop_token_ids_and_stop_strings(env, one_at_a_time):
     stop_id = want[3]
     res = run(
         make(env),
-        [(env[3][0], SamplingParams(max_new_tokens=24, temperature=0, stop_token_ids=[stop_id]))],
+        [(env[3][0], SamplingParams(max_new_tokens=16, temperature=0, stop_token_ids=[stop_id]))],
     )["r0"]
     assert res["finish"] == {"type": "stop", "matched": stop_id}
     assert res["ids"] == want[: want.index(stop_id) + 1]
     text = tok.decode(want)
     stop = text.split()[2]
     res = run(
-        make(env), [(env[3][0], SamplingParams(max_new_tokens=24, temperature=0, stop=[stop]))]
+        make(env), [(env[3][0], SamplingParams(max_new_tokens=16, temperature=0, stop=[stop]))]
     )["r0"]
     assert res["finish"] == {"type": "stop", "matched": stop}
     assert stop in tok.decode(res["ids"]) and len(res["ids"]) < len(want)
@@ -207,3 +207,24 @@ def test_bad_requests_finish_with_a_reason_instead_of_crashing(env):
     assert res["r0"]["finish"]["type"] == "abort"
     assert "vocabulary" in res["r1"]["finish"]["message"]
     assert res["r2"]["finish"]["type"] == "length" and res["r2"]["ids"] == []
+
+
+def test_constrained_requests_leave_unconstrained_greedy_tokens_alone(env, one_at_a_time):
+    import json
+
+    schema = json.dumps(
+        {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
+    )
+    constrained = SamplingParams(max_new_tokens=24, temperature=0.7, seed=3, json_schema=schema)
+    reqs = []
+    for i, p in enumerate(env[3][:6]):
+        reqs.append((p, GREEDY))
+        if i % 2 == 0:
+            reqs.append((p, constrained))
+    result = list(run(make(env), reqs).values())
+    plain = [r["ids"] for (_, params), r in zip(reqs, result, strict=True) if params is GREEDY]
+    assert plain == one_at_a_time[:6]
+    tok = env[1]
+    for (_, params), r in zip(reqs, result, strict=True):
+        if params is constrained:
+            assert isinstance(json.loads(tok.decode(r["ids"], skip_special_tokens=True))["x"], int)

@@ -27,6 +27,7 @@ class SamplingRow:
     generator: torch.Generator | None
     top_logprobs_num: int = 0
     return_logprob: bool = False
+    grammar: object | None = None  # an xgrammar GrammarMatcher when the output is constrained
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -63,6 +64,10 @@ def sample(
 ) -> tuple[list[int], list[tuple[float, list[tuple[int, float]]]] | None]:
     """Next token per row, and (when any row asks) its logprob with top alternatives."""
     logits = apply_penalties(logits.float(), rows)
+    if any(r.grammar is not None for r in rows):
+        from radixserve.engine.grammar import apply_grammar_masks
+
+        apply_grammar_masks(logits, [r.grammar for r in rows])
     logprob_info = None
     if any(r.return_logprob for r in rows):
         logprob_info = _logprobs(logits, rows)
@@ -73,7 +78,8 @@ def sample(
 
     device = logits.device
     temps = torch.tensor(
-        [r.params.temperature if not g else 1.0 for r, g in zip(rows, greedy, strict=True)], device=device
+        [r.params.temperature if not g else 1.0 for r, g in zip(rows, greedy, strict=True)],
+        device=device,
     )
     probs = torch.softmax(logits / temps[:, None], dim=-1)
     if any(r.params.top_k > 0 or r.params.top_p < 1 or r.params.min_p > 0 for r in rows):

@@ -28,6 +28,10 @@ class SamplingParams:
     n: int = 1
     seed: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
+    # constrained decoding, at most one of them (engine/grammar.py)
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict | None) -> SamplingParams:
@@ -105,6 +109,15 @@ class SamplingParams:
         for tok, bias in self.logit_bias.items():
             if not math.isfinite(bias) or not -100 <= bias <= 100:
                 bad("logit_bias", f"bias for token {tok} must be in [-100, 100]")
+        given = [k for k in ("json_schema", "regex", "ebnf") if getattr(self, k) is not None]
+        if len(given) > 1:
+            bad(
+                given[1],
+                f"only one of json_schema, regex and ebnf per request, got {', '.join(given)}",
+            )
+        for k in given:
+            if not isinstance(getattr(self, k), str):
+                bad(k, "must be a string")
         if vocab_size is not None:
             for name, ids in (
                 ("stop_token_ids", self.stop_token_ids),
@@ -113,6 +126,14 @@ class SamplingParams:
                 for t in ids:
                     if not 0 <= t < vocab_size:
                         bad(name, f"token id {t} is outside the vocabulary (size {vocab_size})")
+
+    @property
+    def grammar(self) -> tuple[str, str] | None:
+        """(kind, text) of the request's grammar, if it has one."""
+        for kind in ("json_schema", "regex", "ebnf"):
+            if getattr(self, kind) is not None:
+                return kind, getattr(self, kind)
+        return None
 
     @property
     def greedy(self) -> bool:

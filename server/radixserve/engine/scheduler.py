@@ -14,7 +14,9 @@ Every step:
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -81,6 +83,8 @@ class Scheduler:
         self.stats = EngineStats(kv_total_tokens=self.pool.size)
         self.shared_gen = torch.Generator(device=runner.device).manual_seed(args.random_seed)
         self.finished_outputs: list[ReqOutput] = []
+        self.grammar_wait: list[tuple[Req, Future]] = []  # compiling off the loop
+        self._grammar_backend = None
 
     # ---- requests in and out -------------------------------------------------------
     def add_request(self, msg: TokenizedGenerateReq) -> None:
@@ -101,7 +105,35 @@ class Scheduler:
             req.cached_tokens = 0
             self._finish(req, why)
             return
+        if p.grammar is not None:
+            self.grammar_wait.append((req, self.grammar_backend().submit(*p.grammar)))
+            return
         self.waiting.append(req)
+
+    def grammar_backend(self):
+        if self._grammar_backend is None:
+            from radixserve.engine.grammar import GrammarBackend
+
+            self._grammar_backend = GrammarBackend(
+                self.tokenizer, self.runner.vocab_size, self.eos_ids
+            )
+        return self._grammar_backend
+
+    def _admit_compiled(self) -> None:
+        """Requests whose grammar finished compiling join the queue (or fail with a 400)."""
+        still = []
+        for req, fut in self.grammar_wait:
+            if not fut.done():
+                still.append((req, fut))
+            elif fut.exception() is not None:
+                req.cached_tokens = 0
+                self._finish(
+                    req, {"type": "abort", "message": str(fut.exception()), "status_code": 400}
+                )
+            else:
+                req.row.grammar = self._grammar_backend.matcher(fut.result())
+                self.waiting.append(req)
+        self.grammar_wait = still
 
     def _reject_reason(self, req: Req) -> dict | None:
         n = len(req.origin_input_ids)
@@ -125,6 +157,11 @@ class Scheduler:
         return None
 
     def abort(self, rid: str) -> None:
+        for req, fut in self.grammar_wait:
+            if req.rid == rid:
+                self.grammar_wait.remove((req, fut))
+                self._finish(req, {"type": "abort", "message": "aborted"})
+                return
         for req in list(self.waiting):
             if req.rid == rid:
                 self.waiting.remove(req)
@@ -148,7 +185,7 @@ class Scheduler:
         return True
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.finished_outputs)
+        return bool(self.waiting or self.running or self.finished_outputs or self.grammar_wait)
 
     # ---- memory ----------------------------------------------------------------------
     def _alloc(self, n: int) -> torch.Tensor | None:
@@ -192,10 +229,14 @@ class Scheduler:
 
     # ---- one step ------------------------------------------------------------------------
     def step(self) -> list[ReqOutput]:
+        if self.grammar_wait:
+            self._admit_compiled()
         decode = self._schedule_decode()
         prefill = self._schedule_prefill()
         if prefill or decode:
             self._run(prefill, decode)
+        elif self.grammar_wait and not self.waiting:
+            time.sleep(0.001)  # only compiles are pending: don't spin the core they need
         elif self.waiting and not self.running:
             # nothing holds memory and still the head request cannot start: it never will
             self._finish(
@@ -373,6 +414,10 @@ class Scheduler:
                 lp, alts = logprobs[i]
                 req.logprobs.append((lp, alts[: req.row.top_logprobs_num]))
             reason = self._check_finished(req, tok)
+            if req.row.grammar is not None and reason is None:
+                req.row.grammar.accept_token(tok)
+                if req.row.grammar.is_terminated():
+                    reason = {"type": "stop", "matched": tok}
             if reason is not None:
                 self._finish(req, reason)
 
