@@ -7,6 +7,7 @@ settings under test, and compares greedy tokens with requests run one at a time.
 from __future__ import annotations
 
 import pytest
+import torch
 from radixserve.config import ServerArgs
 from radixserve.engine.engine_process import eos_token_ids
 from radixserve.engine.io_struct import TokenizedGenerateReq
@@ -228,3 +229,23 @@ def test_constrained_requests_leave_unconstrained_greedy_tokens_alone(env, one_a
     for (_, params), r in zip(reqs, result, strict=True):
         if params is constrained:
             assert isinstance(json.loads(tok.decode(r["ids"], skip_special_tokens=True))["x"], int)
+
+
+def test_out_of_memory_in_a_forward_retries_with_a_smaller_batch(env, one_at_a_time, monkeypatch):
+    """A forward that runs out of memory (injected once, for a batch of more than four
+    requests) is undone and retried smaller; outputs do not change."""
+    runner = env[0]
+    real = runner.forward
+    failed = []
+
+    def forward(batch, rows):
+        if not failed and batch.batch_size > 4:
+            failed.append(batch.batch_size)
+            raise torch.OutOfMemoryError("injected: out of memory")
+        return real(batch, rows)
+
+    monkeypatch.setattr(runner, "forward", forward)
+    sched = make(env)
+    result = run(sched, [(p, GREEDY) for p in env[3][:8]])
+    assert failed and sched.stats.num_oom_retries == 1
+    assert tokens(result) == one_at_a_time[:8]

@@ -397,9 +397,13 @@ class Scheduler:
             extend_lens=extend_lens,
             req_slots=req_slots,
         )
-        logits = self.runner.forward(
-            batch, torch.tensor(logit_rows, dtype=torch.int64, device=device)
-        )
+        try:
+            logits = self.runner.forward(
+                batch, torch.tensor(logit_rows, dtype=torch.int64, device=device)
+            )
+        except (torch.OutOfMemoryError, MemoryError) as e:
+            self._shrink_after_oom(prefill, decode, e)
+            return
         self.stats.forward_steps += 1
         for req, _ in prefill:
             if req.slots.numel() == len(req.fill_ids):
@@ -420,6 +424,27 @@ class Scheduler:
                     reason = {"type": "stop", "matched": tok}
             if reason is not None:
                 self._finish(req, reason)
+
+    def _shrink_after_oom(
+        self, prefill: list[tuple[Req, int]], decode: list[Req], err: Exception
+    ) -> None:
+        """Out of activation memory: undo the step, halve the prefill budget, retract the
+        newest half of the decoders, and let the next step run the smaller batch."""
+        logger.warning("forward ran out of memory (%s); retrying with a smaller batch", err)
+        self.stats.num_oom_retries += 1
+        for req in decode:
+            self.pool.free(req.slots[-1:])
+            req.slots = req.slots[:-1]
+        for req, n in prefill:
+            self.pool.free(req.slots[-n:])
+            req.slots = req.slots[:-n]
+            if self.chunked is req:
+                self.chunked = None
+            self._retract(req)
+        self.prefill_budget = max(self.prefill_budget // 2, 16)
+        newest = sorted(decode, key=lambda r: r.arrival)[len(decode) - len(decode) // 2 :]
+        for req in newest if len(decode) > 1 else []:
+            self._retract(req)
 
     def _check_finished(self, req: Req, tok: int) -> dict | None:
         p = req.params
