@@ -59,6 +59,7 @@ class EngineStats:
     prompt_tokens: int = 0  # cumulative
     generation_tokens: int = 0  # cumulative
     num_retractions: int = 0  # cumulative
+    num_oom_retries: int = 0  # cumulative
     forward_steps: int = 0  # cumulative
 
 
