@@ -3,6 +3,10 @@
 Q, K and V are one fused projection and gate/up another, so a layer runs three matmuls
 instead of seven; `load_weights` fuses the checkpoint's separate tensors as it reads them.
 Qwen2 adds a bias to QKV, Qwen3 normalises Q and K per head; everything else is shared.
+
+Under tensor parallelism each rank builds the layers with its own share (query and KV heads
+from `shard_heads`, MLP columns and vocabulary rows from `split_range`) and `load_weights`
+copies in only the rows or columns of the checkpoint tensors that share covers.
 """
 
 from __future__ import annotations
@@ -14,6 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from radixserve.layers.attention import AttentionBackend, ForwardBatch
+from radixserve.layers.linear import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    lm_logits,
+)
+from radixserve.layers.parallel import shard_heads, split_range, tp_rank, tp_size
 from radixserve.layers.rotary import RotaryEmbedding
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -34,14 +46,22 @@ class Attention(nn.Module):
     def __init__(self, config, layer_id: int, rotary: RotaryEmbedding, backend: AttentionBackend):
         super().__init__()
         self.layer_id = layer_id
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.head_dim = (
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        )
+        # this rank's heads (all of them with one rank)
+        self.heads, self.kv_heads = shard_heads(
+            config.num_attention_heads, config.num_key_value_heads, tp_size(), tp_rank()
+        )
+        self.num_heads = len(self.heads)
+        self.num_kv_heads = len(self.kv_heads)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         bias = config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.qkv_proj = ColumnParallelLinear(
+            config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias
+        )
+        self.o_proj = RowParallelLinear(self.q_size, config.hidden_size, bias=False)
         self.qk_norm = config.model_type == "qwen3"
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -66,10 +86,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
-        self.inter = config.intermediate_size
+        start, end = split_range(config.intermediate_size, tp_size(), tp_rank())
+        self.columns = range(start, end)  # this rank's intermediate columns
+        self.inter = end - start
         bias = bool(getattr(config, "mlp_bias", False))
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.inter, bias=bias)
-        self.down_proj = nn.Linear(self.inter, config.hidden_size, bias=bias)
+        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, 2 * self.inter, bias=bias)
+        self.down_proj = RowParallelLinear(self.inter, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
@@ -102,14 +124,14 @@ class LlamaForCausalLM(nn.Module):
             getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         )
         self.rotary = RotaryEmbedding(config, head_dim, max_positions)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(config, i, self.rotary, backend) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if not self.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Hidden states after the final norm, one row per token of the step."""
@@ -119,11 +141,12 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        """Float32 logits over the whole vocabulary, on every rank."""
+        return lm_logits(hidden, self.embed_tokens if self.tie_word_embeddings else self.lm_head)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy checkpoint tensors in, fusing q/k/v and gate/up; fail on anything missing."""
+        """Copy checkpoint tensors in, fusing q/k/v and gate/up and keeping this rank's
+        share of each split tensor; fail on anything missing."""
         params = dict(self.named_parameters())
         fused = {
             "q_proj": ("qkv_proj", 0),
@@ -143,14 +166,15 @@ class LlamaForCausalLM(nn.Module):
             if part is None:
                 if name not in params:
                     continue
-                params[name].data.copy_(tensor)
+                params[name].data.copy_(self._local_part(name, tensor))
                 loaded.add(name)
                 continue
             target, shard = fused[part]
             pname = name.replace(part, target)
             param = params[pname]
-            offset, size = self._shard_range(target, shard, param.shape[0])
-            param.data[offset : offset + size].copy_(tensor)
+            parts = self._fused_parts(pname)
+            rows, offset = parts[shard], sum(len(r) for r in parts[:shard])
+            param.data[offset : offset + len(rows)].copy_(tensor[rows.start : rows.stop])
             loaded.add(f"{pname}#{shard}")
         expected = set()
         for pname in params:
@@ -164,10 +188,31 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
 
-    def _shard_range(self, target: str, shard: int, total: int) -> tuple[int, int]:
-        if target == "gate_up_proj":
-            half = total // 2
-            return shard * half, half
-        attn = self.layers[0].self_attn
-        sizes = [attn.q_size, attn.kv_size, attn.kv_size]
-        return sum(sizes[:shard]), sizes[shard]
+    def _fused_parts(self, pname: str) -> list[range]:
+        """Checkpoint rows of each part of a fused projection that this rank holds."""
+        layer = self.layers[int(pname.split(".")[1])]
+        if ".gate_up_proj." in pname:
+            return [layer.mlp.columns, layer.mlp.columns]
+        attn = layer.self_attn
+        d = attn.head_dim
+        q = range(attn.heads.start * d, attn.heads.stop * d)
+        kv = range(attn.kv_heads.start * d, attn.kv_heads.stop * d)
+        return [q, kv, kv]
+
+    def _local_part(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of an unfused tensor: input columns of the row-parallel
+        projections, vocabulary rows of the embedding and head, all of anything else."""
+        if tp_size() == 1:
+            return tensor
+        if name in ("embed_tokens.weight", "lm_head.weight"):
+            head = self.embed_tokens if name == "embed_tokens.weight" else self.lm_head
+            return tensor[head.vocab_start : head.vocab_end]
+        if name.endswith(".weight") and (".o_proj." in name or ".down_proj." in name):
+            layer = self.layers[int(name.split(".")[1])]
+            if ".o_proj." in name:
+                d = layer.self_attn.head_dim
+                heads = layer.self_attn.heads
+                return tensor[:, heads.start * d : heads.stop * d]
+            cols = layer.mlp.columns
+            return tensor[:, cols.start : cols.stop]
+        return tensor
