@@ -41,6 +41,10 @@ def serve(argv: list[str]) -> int:
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.node_rank > 0:  # a node that only runs tensor-parallel ranks: no HTTP front
+        from radixserve.engine.tp_worker import run_worker_node
+
+        return run_worker_node(args)
     return run_server(args)
 
 

@@ -64,7 +64,16 @@ class ServerArgs:
     )
     disable_radix_cache: bool = _f(False, "turn prefix reuse off")
     attention_backend: str = _f("auto", "attention kernels", ("auto", "torch", "flashinfer"))
-    tp_size: int = _f(1, "tensor-parallel ranks (one engine process each)")
+    tp_size: int = _f(1, "tensor-parallel ranks over all nodes (one engine process each)")
+    nnodes: int = _f(1, "nodes the --tp-size ranks spread over (the same count on each)")
+    node_rank: int = _f(
+        0, "this node's index; node 0 serves HTTP and schedules, the others only run ranks"
+    )
+    dist_init_addr: str | None = _f(
+        None, "host:port where rank 0 meets the other ranks (needed with --nnodes above 1)"
+    )
+    cuda_graph_max_bs: int = _f(64, "capture decode CUDA graphs for batches up to this size")
+    disable_cuda_graph: bool = _f(False, "run decode eagerly on CUDA (no graph capture)")
     random_seed: int = _f(0, "seed of the sampler for requests without their own seed")
     # behaviour
     stream_interval: int = _f(1, "send a streamed chunk every N tokens")
@@ -89,6 +98,8 @@ class ServerArgs:
             "max_running_requests",
             "max_prefill_tokens",
             "tp_size",
+            "nnodes",
+            "cuda_graph_max_bs",
             "stream_interval",
             "max_request_body_bytes",
         )
@@ -103,6 +114,19 @@ class ServerArgs:
             raise ValueError("--mem-fraction-static must be between 0 and 1")
         if self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1:
             raise ValueError("--chunked-prefill-size must be positive, or -1 to turn chunking off")
+        if self.tp_size % self.nnodes:
+            raise ValueError(
+                f"--tp-size {self.tp_size} does not split over --nnodes {self.nnodes}: "
+                "every node runs the same number of ranks"
+            )
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"--node-rank must be between 0 and {self.nnodes - 1}")
+        if self.nnodes > 1 and not self.dist_init_addr:
+            raise ValueError("--nnodes above 1 needs --dist-init-addr (host:port of node 0)")
+        if self.dist_init_addr is not None:
+            host, _, port = self.dist_init_addr.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"--dist-init-addr: {self.dist_init_addr!r} is not host:port")
         if not 0 < self.port < 65536:
             raise ValueError("--port must be between 1 and 65535")
 

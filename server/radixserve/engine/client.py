@@ -13,6 +13,7 @@ import logging
 import multiprocessing as mp
 import os
 import pickle
+import socket
 import tempfile
 import time
 import uuid
@@ -39,6 +40,7 @@ from radixserve.engine.io_struct import (
     TokenizedGenerateReq,
 )
 from radixserve.engine.sampling_params import SamplingParams
+from radixserve.engine.tp_worker import local_ranks, start_rank_processes
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +87,8 @@ class EngineClient:
         self._queues: dict[str, asyncio.Queue] = {}
         self._flush_waiters: list[asyncio.Future] = []
         self._tasks: list[asyncio.Task] = []
-        self._proc: mp.process.BaseProcess | None = None
+        self._proc: mp.process.BaseProcess | None = None  # rank 0: scheduler and model
+        self._ranks: list[mp.process.BaseProcess] = []  # this node's other tensor-parallel ranks
 
     # ---- lifecycle -------------------------------------------------------------------
     async def start(self) -> EngineReady:
@@ -94,6 +97,13 @@ class EngineClient:
             from radixserve.engine.embedding import default_embedding_model_path
 
             self.args.model_path = default_embedding_model_path()
+        if self.args.node_rank > 0:
+            raise EngineError(
+                "--node-rank above 0 runs ranks only, with no front: start it with "
+                "`radixserve serve --node-rank N`"
+            )
+        if self.args.tp_size > 1 and self.args.dist_init_addr is None:
+            self.args.dist_init_addr = f"127.0.0.1:{_free_port()}"
         self._dir = tempfile.mkdtemp(prefix="radixserve-")
         to_engine = f"ipc://{os.path.join(self._dir, 'in')}"
         from_engine = f"ipc://{os.path.join(self._dir, 'out')}"
@@ -109,22 +119,27 @@ class EngineClient:
             name="radixserve-engine",
         )
         self._proc.start()
+        self._ranks = start_rank_processes(self.args, local_ranks(self.args)[1:])
         tokenizer_task = asyncio.get_running_loop().run_in_executor(None, self._load_tokenizer)
         # retrieved even when the engine fails first (else asyncio logs a stray traceback)
         tokenizer_task.add_done_callback(lambda f: f.cancelled() or f.exception())
+        # when another rank exits first, rank 0 usually reports the same failure, and better
+        exited_at: float | None = None
         while True:
             if await self._recv.poll(500):
                 msg = pickle.loads(await self._recv.recv())
                 if isinstance(msg, EngineFailed):
                     self._proc.join(5)
+                    self._kill_ranks()
                     raise EngineError(msg.error)
                 if isinstance(msg, EngineReady):
                     self.info = msg
                     break
-            elif not self._proc.is_alive():
-                raise EngineError(
-                    f"engine process exited with code {self._proc.exitcode} while loading"
-                )
+            elif (why := self._exited()) is not None:
+                exited_at = exited_at or time.monotonic()
+                if not self._proc.is_alive() or time.monotonic() - exited_at > 5.0:
+                    self._kill_ranks()
+                    raise EngineError(f"{why} while loading")
         await tokenizer_task
         self.last_heartbeat = time.monotonic()
         self._tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._watch())]
@@ -143,11 +158,14 @@ class EngineClient:
     async def shutdown(self) -> None:
         if self._proc is None:
             return
-        if self._proc.is_alive():
+        if self._proc.is_alive() and self.dead is None:  # a dead engine may never read it
             await self._send.send_pyobj(ShutdownReq())
             await asyncio.get_running_loop().run_in_executor(None, self._proc.join, 10)
-            if self._proc.is_alive():
-                self._proc.kill()
+        if self._proc.is_alive():
+            self._proc.kill()
+        for p in self._ranks:  # rank 0's shutdown released them
+            await asyncio.get_running_loop().run_in_executor(None, p.join, 10)
+        self._kill_ranks()
         for t in self._tasks:
             t.cancel()
         self._fail_all("engine shut down")
@@ -168,6 +186,25 @@ class EngineClient:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
+
+    @property
+    def rank_pids(self) -> list[int]:
+        """Process ids of this node's tensor-parallel ranks, rank 0 first."""
+        return [p.pid for p in [self._proc, *self._ranks] if p is not None]
+
+    def _exited(self) -> str | None:
+        """Why the engine is gone, when any of this node's rank processes has exited."""
+        for rank, p in enumerate([self._proc, *self._ranks]):
+            if p is not None and not p.is_alive():
+                who = "engine process" if rank == 0 else f"tensor-parallel rank {rank}"
+                return f"{who} exited with code {p.exitcode}"
+        return None
+
+    def _kill_ranks(self) -> None:
+        """A group that lost a rank cannot run a step: stop every rank still alive."""
+        for p in [self._proc, *self._ranks]:
+            if p is not None and p.is_alive():
+                p.kill()
 
     # ---- engine messages ---------------------------------------------------------------
     async def _recv_loop(self) -> None:
@@ -198,8 +235,8 @@ class EngineClient:
     async def _watch(self) -> None:
         while self.dead is None:
             await asyncio.sleep(HEARTBEAT_S)
-            if self._proc is not None and not self._proc.is_alive():
-                self._die(f"engine process exited with code {self._proc.exitcode}")
+            if self._proc is not None and (why := self._exited()) is not None:
+                self._die(why)
             elif time.monotonic() - self.last_heartbeat > self.args.watchdog_timeout:
                 self._die(f"engine made no progress for {self.args.watchdog_timeout:.0f}s")
 
@@ -208,6 +245,8 @@ class EngineClient:
             logger.error("engine failed: %s", why)
             self.dead = why
         self._fail_all(why)
+        if self.args.tp_size > 1:
+            self._kill_ranks()
 
     def _fail_all(self, why: str) -> None:
         for q in self._queues.values():
@@ -354,6 +393,13 @@ class EngineClient:
         self._flush_waiters.append(fut)
         await self._send.send_pyobj(FlushCacheReq())
         return await fut
+
+
+def _free_port() -> int:
+    """A port on 127.0.0.1 that was free a moment ago, for the single-node rank rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:

@@ -110,13 +110,18 @@ def run_engine_process(args: ServerArgs, in_addr: str, out_addr: str) -> None:
                 flushed = scheduler.flush_cache()
             elif isinstance(msg, ShutdownReq):
                 logger.info("engine shutting down")
+                runner.shutdown()
                 send.close(linger=1000)
                 return
         if os.getppid() != parent:
             logger.error("front process is gone; engine exits")
             return
         try:
-            outputs = scheduler.step() if scheduler.has_work() else []
+            if scheduler.has_work():
+                outputs = scheduler.step()
+            else:
+                outputs = []
+                runner.heartbeat()  # tensor parallel: the other ranks hear rank 0 is alive
         except Exception:
             logger.error("engine step failed:\n%s", traceback.format_exc())
             send.send_pyobj(EngineFailed("engine step failed: " + traceback.format_exc(limit=3)))
@@ -125,6 +130,7 @@ def run_engine_process(args: ServerArgs, in_addr: str, out_addr: str) -> None:
 
 
 def engine_main(args: ServerArgs, in_addr: str, out_addr: str) -> None:
-    """Process entry point: keep torch to the cores we were given."""
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    """Process entry point: keep torch to the cores we were given (shared by this node's ranks)."""
+    local_ranks = args.tp_size // args.nnodes
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_ranks))
     run_engine_process(args, in_addr, out_addr)

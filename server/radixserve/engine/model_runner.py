@@ -1,4 +1,12 @@
-"""Loads the model onto its device and runs one forward step on a ForwardBatch."""
+"""Loads the model onto its device and runs one forward step on a ForwardBatch.
+
+Under tensor parallelism every rank has a ModelRunner. Rank 0's is driven by the scheduler:
+its `forward` first broadcasts the step's batch description (token ids, positions, KV
+slots, prefix/extend lengths: a few small tensors) and then runs the model; the other
+ranks sit in `worker_loop`, rebuild the same ForwardBatch from that description and run
+the same forward, meeting rank 0 in the all-reduces. Only rank 0 samples: the tokens it
+picks reach the other ranks as the next step's input ids, so no rank needs a sampler.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,7 @@ import os
 import torch
 
 from radixserve.config import ServerArgs
+from radixserve.layers import parallel
 from radixserve.layers.attention import ForwardBatch, KVPool, create_attention_backend
 from radixserve.models.llama import LlamaForCausalLM
 from radixserve.models.loader import iter_weights, load_config, resolve_model
@@ -17,6 +26,10 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _CPU_DEFAULT_KV_TOKENS = 131072
 _CPU_KV_MEMORY_FRACTION = 0.25
+# what rank 0 broadcasts first each time: [kind, tokens, requests, prefill requests,
+# prefill tokens, logit rows, KV slots of all requests]
+_HEADER_LEN = 7
+_STEP, _IDLE, _STOP = 0, 1, 2
 
 
 def resolve_device(device: str) -> str:
@@ -37,20 +50,31 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 
 class ModelRunner:
-    def __init__(self, args: ServerArgs) -> None:
+    def __init__(self, args: ServerArgs, rank: int = 0) -> None:
         self.args = args
-        self.device = resolve_device(args.device)
-        self.dtype = resolve_dtype(args.dtype, self.device)
+        self.rank = rank
+        self.tp_size = args.tp_size
         self.source = resolve_model(args.model_path)
         self.config = load_config(self.source)
         cfg = self.config
+        # refused before joining the group, so every rank fails fast with the same reason
+        heads, kv_heads = parallel.shard_heads(
+            cfg.num_attention_heads, cfg.num_key_value_heads, self.tp_size, rank
+        )
+        self.device = self._rank_device(resolve_device(args.device))
+        self.dtype = resolve_dtype(args.dtype, self.device)
         self.context_length = args.context_length or int(
             getattr(cfg, "max_position_embeddings", 4096)
         )
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
-        self.backend_name = args.attention_backend
+        if self.tp_size > 1:
+            if not args.dist_init_addr:
+                raise ValueError("--tp-size above 1 needs --dist-init-addr (host:port of rank 0)")
+            parallel.init_tensor_parallel(
+                rank, self.tp_size, args.dist_init_addr, self.device, args.watchdog_timeout
+            )
+        self.num_heads = len(heads)  # this rank's share
+        self.num_kv_heads = len(kv_heads)
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.backend = create_attention_backend(args.attention_backend, self.device, self.num_heads)
         self.backend_name = type(self.backend).__name__.removesuffix("AttentionBackend").lower()
 
@@ -65,7 +89,8 @@ class ModelRunner:
         model.load_weights(iter_weights(self.source, cfg))
         self.model = model.eval()
         self.vocab_size = cfg.vocab_size
-        self.max_total_tokens = self._kv_budget()
+        # every rank must hold the same slots: the smallest budget of all ranks wins
+        self.max_total_tokens = parallel.all_reduce_min_cpu(self._kv_budget())
         self.pool = KVPool(
             cfg.num_hidden_layers,
             self.num_kv_heads,
@@ -74,14 +99,44 @@ class ModelRunner:
             self.dtype,
             self.device,
         )
+        self.cuda_graphs = self._init_cuda_graphs()
         logger.info(
-            "model %s loaded: %s on %s, %s attention, KV cache %d tokens",
+            "model %s loaded on rank %d/%d: %s on %s, %s attention, KV cache %d tokens",
             self.source.path,
+            rank,
+            self.tp_size,
             self.dtype,
             self.device,
             self.backend_name,
             self.max_total_tokens,
         )
+
+    def _rank_device(self, device: str) -> str:
+        """One GPU per rank on each node: local rank r uses cuda:r."""
+        if not device.startswith("cuda") or self.tp_size == 1:
+            return device
+        local_ranks = self.tp_size // self.args.nnodes
+        present = torch.cuda.device_count()
+        if local_ranks > present:
+            raise ValueError(
+                f"--tp-size {self.tp_size} over {self.args.nnodes} node(s) needs "
+                f"{local_ranks} GPUs per node, but this node has {present}"
+            )
+        local = self.rank % local_ranks
+        torch.cuda.set_device(local)
+        return f"cuda:{local}"
+
+    def _init_cuda_graphs(self):
+        """Decode graphs on CUDA unless disabled; they need FlashInfer's fixed-buffer
+        planning (the torch backend's per-step tables change shape)."""
+        if not self.device.startswith("cuda") or self.args.disable_cuda_graph:
+            return None
+        if self.backend_name != "flashinfer":
+            logger.info("CUDA graphs need the flashinfer attention backend: decode runs eagerly")
+            return None
+        from radixserve.engine.cuda_graph_runner import CudaGraphRunner
+
+        return CudaGraphRunner(self)
 
     def _kv_budget(self) -> int:
         per_token = KVPool.bytes_per_token(
@@ -90,6 +145,9 @@ class ModelRunner:
         if self.args.max_total_tokens:
             return self.args.max_total_tokens
         if self.device.startswith("cuda"):
+            # measured after the weights are in; blocks torch cached but no longer uses
+            # (loading temporaries) go back first so they count as free
+            torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info()
             used_by_others = total - free
             budget = total * self.args.mem_fraction_static - used_by_others
@@ -105,6 +163,90 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, logit_rows: torch.Tensor) -> torch.Tensor:
         """Logits (float32) for the rows `logit_rows` of the step's flat token list."""
+        if self.tp_size == 1:
+            return self._forward(batch, logit_rows)
+        self._send_batch(batch, logit_rows)
+        try:
+            return self._forward(batch, logit_rows)
+        except (torch.OutOfMemoryError, MemoryError) as e:
+            # the other ranks may be inside a collective of this step: a retry with a new
+            # batch would pair mismatched collectives, so this is fatal, not retryable
+            raise RuntimeError(f"tensor-parallel step ran out of memory: {e}") from e
+
+    def _forward(self, batch: ForwardBatch, logit_rows: torch.Tensor) -> torch.Tensor:
+        graphs = self.cuda_graphs
+        if graphs is not None and graphs.can_run(batch) and logit_rows.numel() == batch.batch_size:
+            return graphs.replay(batch)  # a decode step: one logits row per request, in order
         self.backend.init_forward(batch)
         hidden = self.model(batch)
         return self.model.compute_logits(hidden[logit_rows])
+
+    # ---- tensor parallelism: rank 0's side --------------------------------------------------
+    def _send_batch(self, batch: ForwardBatch, logit_rows: torch.Tensor) -> None:
+        """Three broadcasts: sizes, then the per-token tensors on the model's device (no
+        host sync on a GPU), then the per-request lengths and slots, which live on the CPU."""
+        slots = torch.cat(batch.req_slots)
+        header = [
+            _STEP,
+            batch.input_ids.numel(),
+            batch.batch_size,
+            batch.num_prefill_reqs,
+            batch.num_prefill_tokens,
+            logit_rows.numel(),
+            slots.numel(),
+        ]
+        parallel.broadcast_cpu(torch.tensor(header, dtype=torch.int64))
+        per_token = torch.cat([batch.input_ids, batch.positions, batch.out_cache_loc, logit_rows])
+        parallel.broadcast(per_token)
+        lens = torch.tensor(batch.prefix_lens + batch.extend_lens, dtype=torch.int64)
+        parallel.broadcast_cpu(torch.cat([lens, slots.to(torch.int64)]))
+
+    def heartbeat(self) -> None:
+        """Called by rank 0 when idle, so the other ranks' waits never reach the timeout."""
+        if self.tp_size > 1:
+            parallel.broadcast_cpu(self._header(_IDLE))
+
+    def shutdown(self) -> None:
+        """Rank 0: release the other ranks from `worker_loop`, then leave the group."""
+        if self.tp_size > 1:
+            parallel.broadcast_cpu(self._header(_STOP))
+        parallel.destroy_tensor_parallel()
+
+    @staticmethod
+    def _header(kind: int) -> torch.Tensor:
+        header = torch.zeros(_HEADER_LEN, dtype=torch.int64)
+        header[0] = kind
+        return header
+
+    # ---- tensor parallelism: the other ranks -------------------------------------------------
+    @torch.inference_mode()
+    def worker_loop(self) -> None:
+        """Run every step rank 0 broadcasts until it says stop; a dead peer raises."""
+        while True:
+            header = parallel.broadcast_cpu(self._header(_IDLE)).tolist()
+            kind, tokens, reqs, prefill_reqs, prefill_tokens, rows, num_slots = header
+            if kind == _STOP:
+                parallel.destroy_tensor_parallel()
+                return
+            if kind == _IDLE:
+                continue
+            per_token = parallel.broadcast(
+                torch.empty(3 * tokens + rows, dtype=torch.int64, device=self.device)
+            )
+            ids, pos, loc, logit_rows = per_token.split([tokens, tokens, tokens, rows])
+            per_req = parallel.broadcast_cpu(torch.empty(2 * reqs + num_slots, dtype=torch.int64))
+            prefix_lens = per_req[:reqs].tolist()
+            extend_lens = per_req[reqs : 2 * reqs].tolist()
+            seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens, strict=True)]
+            batch = ForwardBatch(
+                input_ids=ids,
+                positions=pos,
+                out_cache_loc=loc,
+                kv_pool=self.pool,
+                num_prefill_reqs=prefill_reqs,
+                num_prefill_tokens=prefill_tokens,
+                prefix_lens=prefix_lens,
+                extend_lens=extend_lens,
+                req_slots=list(per_req[2 * reqs :].split(seq_lens)),
+            )
+            self._forward(batch, logit_rows)
