@@ -1,6 +1,10 @@
 """Attention backends behind one small interface (see base.py)."""
 
+import logging
+
 from radixserve.layers.attention.base import AttentionBackend, ForwardBatch, KVPool
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["AttentionBackend", "ForwardBatch", "KVPool", "create_attention_backend"]
 
@@ -15,7 +19,7 @@ def create_attention_backend(name: str, device: str, num_heads: int) -> Attentio
 
                 name = "flashinfer"
             except ImportError:
-                pass
+                logger.warning("flashinfer is not installed: CUDA attention runs on torch SDPA")
     if name == "torch":
         from radixserve.layers.attention.torch_backend import TorchAttentionBackend
 
