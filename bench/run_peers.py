@@ -365,10 +365,10 @@ def ratio_lines(records: list[dict]) -> list[str]:
             if not o or not o["output_throughput"] or not r["output_throughput"]:
                 continue
             tput = r["output_throughput"] / o["output_throughput"]
-            ttft = o["median_ttft_ms"] / r["median_ttft_ms"] if r["median_ttft_ms"] else 0
+            ttft = r["median_ttft_ms"] / o["median_ttft_ms"] if o["median_ttft_ms"] else 0
             lines.append(
                 f"- {wl}, concurrency {conc}: radixserve / {other}: output throughput "
-                f"**{tput:.2f}×**, median TTFT {ttft:.2f}× lower"
+                f"**{tput:.2f}×** (higher is better), median TTFT {ttft:.2f}× (lower is better)"
             )
     return lines
 
@@ -377,6 +377,15 @@ def write_markdown(
     records: list[dict], peers: list[Peer], path: Path, header: dict, commands: list[str]
 ) -> None:
     lines = [f"# CPU benchmark, {header['date']}", ""]
+    if (
+        float(header["load average (1, 5, 15 min) at start"].split()[0])
+        > header["threads per peer"]
+    ):
+        lines += [
+            "**The machine was shared during this run (load average above the core count):",
+            "these figures measure contention as much as the servers.**",
+            "",
+        ]
     lines += [f"- {k}: {v}" for k, v in header.items() if k != "date"]
     lines += ["", "## Peers", ""]
     for p in peers:
