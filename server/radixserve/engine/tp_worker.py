@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import signal
 import time
 
 import torch
@@ -56,12 +57,18 @@ def start_rank_processes(args: ServerArgs, ranks: range) -> list[mp.process.Base
     return procs
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(0)  # unwinds through run_worker_node's cleanup
+
+
 def run_worker_node(args: ServerArgs) -> int:
     """`radixserve serve --node-rank N` (N > 0): run this node's ranks, no HTTP front.
 
     Returns when a rank exits: 0 once all stopped cleanly (node 0 shut down), else the
     failed rank's exit code, after stopping the rest; a dead group cannot serve anyway.
+    SIGTERM stops this node's ranks and returns 0 (node 0 then sees the group broken).
     """
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     ranks = local_ranks(args)
     logger.info(
         "node %d of %d: ranks %d-%d joining %s",
