@@ -32,29 +32,33 @@ class SamplingRow:
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Logit bias, frequency/presence/repetition penalties and min_new_tokens, in place."""
-    vocab = logits.shape[-1]
+    vocab, device = logits.shape[-1], logits.device
     for i, r in enumerate(rows):
         p = r.params
         if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias), dtype=torch.int64)
-            logits[i, ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype)
+            ids = torch.tensor(list(p.logit_bias), dtype=torch.int64, device=device)
+            logits[i, ids] += torch.tensor(
+                list(p.logit_bias.values()), dtype=logits.dtype, device=device
+            )
         if p.has_penalties:
-            out = torch.tensor(r.output_ids, dtype=torch.int64)
+            out = torch.tensor(r.output_ids, dtype=torch.int64, device=device)
             counts = torch.bincount(out, minlength=vocab)[:vocab].to(logits.dtype)
             if p.frequency_penalty:
                 logits[i] -= p.frequency_penalty * counts
             if p.presence_penalty:
                 logits[i] -= p.presence_penalty * (counts > 0).to(logits.dtype)
             if p.repetition_penalty != 1.0:
-                seen = torch.zeros(vocab, dtype=torch.bool)
-                seen[torch.tensor(r.prompt_ids + r.output_ids, dtype=torch.int64)] = True
+                seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+                seen[
+                    torch.tensor(r.prompt_ids + r.output_ids, dtype=torch.int64, device=device)
+                ] = True
                 row = logits[i]
                 penalised = torch.where(
                     row > 0, row / p.repetition_penalty, row * p.repetition_penalty
                 )
                 logits[i] = torch.where(seen.to(row.device), penalised, row)
         if len(r.output_ids) < p.min_new_tokens and r.stop_ids:
-            logits[i, torch.tensor(r.stop_ids, dtype=torch.int64)] = float("-inf")
+            logits[i, torch.tensor(r.stop_ids, dtype=torch.int64, device=device)] = float("-inf")
     return logits
 
 

@@ -38,8 +38,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # compute in float32 as the reference does, then return to the activation dtype
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        # computed in float32 as the reference does; the result is in the weights' dtype,
+        # so a float32 residual stream feeds bfloat16 matmuls
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(
+            self.weight.dtype
+        )
 
 
 class Attention(nn.Module):
@@ -107,8 +110,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # x is the float32 residual stream: adding small updates to large hidden states in
+        # bfloat16 loses enough precision to flip greedy tokens between batch shapes
+        x = x + self.self_attn(self.input_layernorm(x), batch).float()
+        return x + self.mlp(self.post_attention_layernorm(x)).float()
 
 
 class LlamaForCausalLM(nn.Module):
@@ -135,7 +140,7 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Hidden states after the final norm, one row per token of the step."""
-        x = self.embed_tokens(batch.input_ids)
+        x = self.embed_tokens(batch.input_ids).float()
         for layer in self.layers:
             x = layer(x, batch)
         return self.norm(x)

@@ -22,6 +22,17 @@ def _slot_table(
     return table.to(device, non_blocking=True), lens
 
 
+def _sdpa(q, k, v, **kw) -> torch.Tensor:
+    """SDPA in float32 on the CPU. In bfloat16 the CPU kernels for a whole causal prompt
+    and for one query over a cached prefix round differently, enough to flip greedy
+    tokens of a small model between a cache hit and a miss; float32 makes them agree."""
+    if q.device.type == "cpu" and q.dtype != torch.float32:
+        return F.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), enable_gqa=True, **kw
+        ).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
+
+
 class TorchAttentionBackend(AttentionBackend):
     def init_forward(self, batch: ForwardBatch) -> None:
         device = batch.input_ids.device
@@ -66,13 +77,12 @@ class TorchAttentionBackend(AttentionBackend):
         outs = []
         if batch.num_prefill_reqs:
             if md.get("prefill_plain"):
-                o = F.scaled_dot_product_attention(
+                o = _sdpa(
                     q[:npt].transpose(0, 1)[None],
                     k[:npt].transpose(0, 1)[None],
                     v[:npt].transpose(0, 1)[None],
                     is_causal=True,
                     scale=scale,
-                    enable_gqa=True,
                 )
                 outs.append(o[0].transpose(0, 1))
             else:
@@ -80,9 +90,7 @@ class TorchAttentionBackend(AttentionBackend):
                 qp = q[md["prefill_q_index"]].transpose(1, 2)  # [B, H, Q, D]
                 kp = kb[table].transpose(1, 2)
                 vp = vb[table].transpose(1, 2)
-                o = F.scaled_dot_product_attention(
-                    qp, kp, vp, attn_mask=md["prefill_mask"], scale=scale, enable_gqa=True
-                )
+                o = _sdpa(qp, kp, vp, attn_mask=md["prefill_mask"], scale=scale)
                 o = o.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2])
                 outs.append(o[md["prefill_q_valid"]])
         if batch.batch_size > batch.num_prefill_reqs:
@@ -90,8 +98,6 @@ class TorchAttentionBackend(AttentionBackend):
             qd = q[npt:, :, None, :]  # [B, H, 1, D]
             kd = kb[table].transpose(1, 2)
             vd = vb[table].transpose(1, 2)
-            o = F.scaled_dot_product_attention(
-                qd, kd, vd, attn_mask=md["decode_mask"], scale=scale, enable_gqa=True
-            )
+            o = _sdpa(qd, kd, vd, attn_mask=md["decode_mask"], scale=scale)
             outs.append(o[:, :, 0, :])
         return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
