@@ -82,6 +82,12 @@ class ServerArgs:
     )
     shutdown_timeout: float = _f(30.0, "seconds to finish in-flight requests after SIGTERM")
     log_level: str = _f("info", "logging level", ("debug", "info", "warning", "error"))
+    tool_call_parser: str | None = _f(
+        None, "how to read tool calls when tool_choice is auto", ("hermes", "llama3_json")
+    )
+    reasoning_parser: str | None = _f(
+        None, "split <think>...</think> into reasoning_content", ("qwen3", "deepseek-r1", "think")
+    )
     enable_cors: bool = _f(False, "answer CORS preflights (off by default)")
 
     def __post_init__(self) -> None:
@@ -92,7 +98,7 @@ class ServerArgs:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
-            if choices and value not in choices:
+            if choices and value is not None and value not in choices:
                 raise ValueError(f"{flag_name(f)}: {value!r} is not one of {', '.join(choices)}")
         positive = (
             "max_running_requests",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import math
 import time
 from collections.abc import AsyncIterator
@@ -51,6 +52,13 @@ from radixserve.api.serving import (
     until_disconnected,
     usage_of,
 )
+from radixserve.api.tools import (
+    ToolCall,
+    calls_from_required,
+    get_reasoning_parser,
+    get_tool_parser,
+    required_tool_schema,
+)
 from radixserve.engine.client import EngineError, GenerateChunk
 
 router = APIRouter()
@@ -83,13 +91,20 @@ async def get_model(model_id: str, request: Request) -> ModelCard:
 
 
 # ---- shared between chat and completions ----------------------------------------------------------
-def _check_response_format(rf: ResponseFormat | None) -> None:
-    if rf is not None and rf.type != "text":
+def _grammar_of(rf: ResponseFormat | None) -> str | None:
+    """The JSON schema text the grammar enforces for `response_format` ("{}" = any object)."""
+    if rf is None or rf.type == "text":
+        return None
+    if rf.type == "json_object":
+        return "{}"
+    spec = rf.json_schema or {}
+    schema = spec.get("schema", spec.get("schema_"))
+    if not isinstance(schema, dict):
         raise bad_request(
-            f"response_format: type {rf.type!r} is not supported yet (structured output is "
-            "not implemented); use 'text'",
+            "response_format.json_schema.schema: a JSON schema object is required",
             "response_format",
         )
+    return json.dumps(schema)
 
 
 def _params_fields(req: ChatCompletionRequest | CompletionRequest, max_tokens: int) -> dict:
@@ -111,15 +126,14 @@ def _params_fields(req: ChatCompletionRequest | CompletionRequest, max_tokens: i
         "n": req.n,
         "seed": req.seed,
         "logit_bias": req.logit_bias,
+        "json_schema": _grammar_of(req.response_format),
     }
 
 
 def _prepare(state: ServerState, req: SamplingExtras) -> str:
     state.check_ready()
     state.check_generation()
-    model = state.check_model(req.model)
-    _check_response_format(req.response_format)
-    return model
+    return state.check_model(req.model)
 
 
 def _token_bytes(text: str) -> list[int]:
@@ -176,7 +190,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     state = get_state(request)
     model = _prepare(state, req)
     kwargs = dict(req.chat_template_kwargs or {})
-    if req.tools:
+    tools = _ToolMode.of(state, req)
+    if req.tools and tools.render:
         kwargs["tools"] = req.tools
     if req.continue_final_message:
         if req.messages[-1].role != "assistant":
@@ -198,7 +213,14 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     check_prompt(state, ids, max_tokens, "messages", max_param)
     if max_tokens is None:
         max_tokens = state.info.context_length - len(ids)
-    params = make_params(_params_fields(req, max_tokens), state, openai_names=True)
+    fields = _params_fields(req, max_tokens)
+    if tools.schema is not None:
+        if fields["json_schema"] is not None:
+            raise bad_request(
+                "response_format: cannot be combined with a required tool call", "response_format"
+            )
+        fields["json_schema"] = json.dumps(tools.schema)
+    params = make_params(fields, state, openai_names=True)
     top_n = req.top_logprobs or 0
     if top_n and not req.logprobs:
         raise bad_request("top_logprobs: needs logprobs=true", "top_logprobs")
@@ -206,15 +228,18 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
         state, [ids], [params], "/v1/chat/completions", req.rid, req.logprobs, top_n
     )
     if req.stream:
-        return SSEResponse(_stream_chat(state, req, seqs, model, top_n))
+        return SSEResponse(_stream_chat(state, req, seqs, model, top_n, tools))
     finals = await until_disconnected(request, collect(seqs))
     choices = []
     for f in finals:
         reason, matched = finish_reason(f.chunk)
+        message = tools.message(f.chunk.text)
+        if message.tool_calls:
+            reason = "tool_calls"
         choices.append(
             ChatChoice(
                 index=f.chunk.index,
-                message=ChatResponseMessage(content=f.chunk.text),
+                message=message,
                 logprobs=_chat_logprobs(state, f.logprobs, top_n) if req.logprobs else None,
                 finish_reason=reason,
                 matched_stop=matched,
@@ -229,7 +254,12 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
 
 
 async def _stream_chat(
-    state: ServerState, req: ChatCompletionRequest, seqs: Sequences, model: str, top_n: int
+    state: ServerState,
+    req: ChatCompletionRequest,
+    seqs: Sequences,
+    model: str,
+    top_n: int,
+    tools: _ToolMode,
 ) -> AsyncIterator[str]:
     head = {"id": f"chatcmpl-{seqs.rid}", "created": int(time.time()), "model": model}
     include_usage = req.stream_options is not None and req.stream_options.include_usage
@@ -238,14 +268,21 @@ async def _stream_chat(
         for i in range(len(seqs.streams)):
             role = ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
             yield sse(ChatCompletionChunk(**head, choices=[role]))
+        views: dict[int, _StreamView] = {}
         async for c in seqs.merged():
             last[c.index] = c
             reason, matched = finish_reason(c)
-            if not c.delta and reason is None and not (req.logprobs and c.logprobs):
-                continue
+            delta = views.setdefault(c.index, _StreamView(tools)).advance(
+                c.text, reason is not None
+            )
+            if delta.tool_calls:
+                reason = "tool_calls"
+            if delta.content is None and delta.reasoning_content is None and not delta.tool_calls:
+                if reason is None and not (req.logprobs and c.logprobs):
+                    continue
             choice = ChatStreamChoice(
                 index=c.index,
-                delta=DeltaMessage(content=c.delta),
+                delta=delta,
                 logprobs=_chat_logprobs(state, c.logprobs, top_n) if req.logprobs else None,
                 finish_reason=reason,
                 matched_stop=matched,
@@ -490,3 +527,88 @@ async def embeddings(req: EmbeddingRequest, request: Request) -> EmbeddingRespon
     return EmbeddingResponse(
         data=data, model=model, usage=UsageInfo(prompt_tokens=tokens, total_tokens=tokens)
     )
+
+
+class _ToolMode:
+    """How one chat request treats tools and reasoning: whether the template sees the
+    tools, the schema a required/named choice enforces, and how text becomes fields."""
+
+    def __init__(self, render: bool, schema: dict | None, parser, reasoning) -> None:
+        self.render, self.schema, self.parser, self.reasoning = render, schema, parser, reasoning
+
+    @classmethod
+    def of(cls, state: ServerState, req: ChatCompletionRequest) -> _ToolMode:
+        args = state.args
+        reasoning = get_reasoning_parser(args.reasoning_parser) if args.reasoning_parser else None
+        choice = (
+            req.tool_choice if req.tool_choice is not None else ("auto" if req.tools else "none")
+        )
+        if isinstance(choice, str) and choice not in ("none", "auto", "required"):
+            raise bad_request(
+                f"tool_choice: {choice!r} is not none, auto, required or a function", "tool_choice"
+            )
+        if choice != "none" and not req.tools:
+            raise bad_request("tool_choice: needs tools", "tool_choice")
+        if choice == "none":
+            return cls(False, None, None, reasoning)
+        if choice == "auto":
+            parser = get_tool_parser(args.tool_call_parser) if args.tool_call_parser else None
+            return cls(True, None, parser, reasoning)
+        try:
+            schema = required_tool_schema(req.tools, choice, req.parallel_tool_calls is not False)
+        except (KeyError, TypeError) as e:
+            raise bad_request(
+                f"tools: each tool needs a function with a name ({e})", "tools"
+            ) from e
+        except ValueError as e:
+            raise bad_request(str(e), "tool_choice") from e
+        return cls(True, schema, None, None)
+
+    def split(self, text: str, finished: bool) -> tuple[str | None, str | None, list[ToolCall]]:
+        """(reasoning, content, tool calls) of the text so far."""
+        if self.schema is not None:
+            if not finished:
+                return None, None, []
+            try:
+                return None, None, calls_from_required(text)
+            except (ValueError, KeyError, TypeError):  # cut off by max_tokens: not JSON yet
+                return None, text, []
+        reasoning = None
+        if self.reasoning is not None:
+            reasoning, text = self.reasoning.split(text, finished)
+        if self.parser is None:
+            return reasoning, text, []
+        if finished:
+            content, calls = self.parser.parse(text)
+            return reasoning, content, calls
+        return reasoning, self.parser.stream_content(text, False), []
+
+    def message(self, text: str) -> ChatResponseMessage:
+        reasoning, content, calls = self.split(text, True)
+        return ChatResponseMessage(
+            content=content,
+            reasoning_content=reasoning,
+            tool_calls=[c.to_openai() for c in calls] or None,
+        )
+
+
+class _StreamView:
+    """Turns a sequence's cumulative text into OpenAI deltas of content, reasoning and,
+    at the end, tool calls (each call sent whole, in one delta)."""
+
+    def __init__(self, mode: _ToolMode) -> None:
+        self.mode = mode
+        self.sent_reasoning = 0
+        self.sent_content = 0
+
+    def advance(self, text: str, finished: bool) -> DeltaMessage:
+        reasoning, content, calls = self.mode.split(text, finished)
+        reasoning, content = reasoning or "", content or ""
+        d_reason = reasoning[self.sent_reasoning :]
+        d_content = content[self.sent_content :]
+        self.sent_reasoning, self.sent_content = len(reasoning), len(content)
+        return DeltaMessage(
+            content=d_content or None,
+            reasoning_content=d_reason or None,
+            tool_calls=[c.to_openai(index=i) for i, c in enumerate(calls)] or None,
+        )

@@ -168,6 +168,9 @@ async def _tracked(state: ServerState, stream, index: int, timer) -> AsyncIterat
                 rid = chunk.rid
                 state.active_rids.add(rid)
             chunk.index = index
+            status = (chunk.finish_reason or {}).get("status_code")
+            if status:  # the engine refused the request itself (e.g. a grammar that won't compile)
+                raise APIError(status, chunk.finish_reason.get("message", "bad request"))
             timer.on_chunk(chunk)
             yield chunk
     finally:

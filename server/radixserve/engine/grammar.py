@@ -46,9 +46,10 @@ class GrammarBackend:
         try:
             if kind == "json_schema":
                 if text in ("", "{}", "object"):  # any JSON object (OpenAI's json_object)
-                    return self.compiler.compile_builtin_json_grammar()
+                    text = '{"type": "object"}'
                 json.loads(text)
-                return self.compiler.compile_json_schema(text)
+                # compact JSON: with free whitespace a small model can pad forever
+                return self.compiler.compile_json_schema(text, any_whitespace=False)
             if kind == "regex":
                 return self.compiler.compile_regex(text)
             if kind == "ebnf":
