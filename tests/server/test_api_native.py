@@ -155,6 +155,7 @@ def test_metrics_names_and_counts(api_server):
         "radixserve_time_to_first_token_seconds_count",
         "radixserve_inter_token_latency_seconds_count",
         "radixserve_e2e_request_latency_seconds_count",
+        "radixserve_queue_time_seconds_count",
         "radixserve_http_requests_total",
     ):
         assert name in names, name
@@ -175,6 +176,7 @@ def test_metrics_names_and_counts(api_server):
     assert delta("radixserve_prompt_tokens_total") == r["usage"]["prompt_tokens"]
     assert delta("radixserve_generation_tokens_total") == 5
     assert delta("radixserve_e2e_request_latency_seconds_count") == 1
+    assert delta("radixserve_queue_time_seconds_count") == 1
     assert delta("radixserve_time_to_first_token_seconds_count") == 1
     assert delta("radixserve_inter_token_latency_seconds_count") == 4
     assert delta("radixserve_finished_sequences_total", finish_reason="length") == 1

@@ -91,6 +91,13 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.queue_time = Histogram(
+            "radixserve_queue_time_seconds",
+            "time a sequence waited in the engine's queue before its first prefill",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
     def timer(self, arrival: float, route: str) -> SequenceTimer:
         return SequenceTimer(self, arrival, route)
 
@@ -107,6 +114,8 @@ class SequenceTimer:
 
     def on_chunk(self, chunk: GenerateChunk) -> None:
         now = time.perf_counter()
+        if chunk.queue_time is not None:
+            self.m.queue_time.observe(chunk.queue_time)
         if chunk.new_ids:
             if self.last is None:
                 self.m.ttft.observe(now - self.arrival)

@@ -65,6 +65,7 @@ class GenerateChunk:
     # per new token: (token_id, logprob, [(alt_id, alt_logprob), ...])
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
     index: int = 0
+    queue_time: float | None = None  # seconds waiting in the engine, on the first chunk
 
     def meta_info(self) -> dict:
         return {
@@ -339,6 +340,7 @@ class EngineClient:
                     finish_reason=out.finish_reason,
                     logprobs=lps,
                     index=index,
+                    queue_time=out.queue_time,
                 )
                 emitted = visible
         finally:

@@ -47,6 +47,7 @@ class ReqOutput:
     finish_reason: dict | None = None
     # per new token: (logprob, [(token_id, logprob), ...] top alternatives)
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    queue_time: float | None = None  # arrival to first admission, on the first output only
 
 
 @dataclass

@@ -49,6 +49,9 @@ class Req:
     prefix_len: int = 0  # leading slots owned by the radix tree (locked through last_node)
     last_node: TreeNode | None = None
     cached_tokens: int = -1  # -1 until first admitted
+    arrived: float = field(default_factory=time.monotonic)
+    queue_time: float | None = None
+    queue_time_sent: bool = False
     finished_reason: dict | None = None
     sent_len: int = 0
     logprobs: list = field(default_factory=list)
@@ -322,6 +325,7 @@ class Scheduler:
             req.slots = torch.cat([prefix, new])
             req.prefix_len, req.last_node = prefix.numel(), node
             if req.cached_tokens < 0:
+                req.queue_time = time.monotonic() - req.arrived
                 req.cached_tokens = prefix.numel()
                 self.stats.cache_hit_tokens += prefix.numel()
                 self.stats.prompt_tokens += len(req.origin_input_ids)
@@ -481,6 +485,9 @@ class Scheduler:
         new = req.output_ids[req.sent_len :]
         lps = req.logprobs[req.sent_len :] if req.row.return_logprob else None
         req.sent_len = len(req.output_ids)
+        queue_time = None
+        if req.queue_time is not None and not req.queue_time_sent:
+            queue_time, req.queue_time_sent = req.queue_time, True
         return ReqOutput(
             rid=req.rid,
             new_token_ids=new,
@@ -489,6 +496,7 @@ class Scheduler:
             completion_tokens=len(req.output_ids),
             finish_reason=req.finished_reason,
             logprobs=lps,
+            queue_time=queue_time,
         )
 
     def _update_stats(self) -> None:
