@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import sys
 import time
 from typing import Any
@@ -24,7 +25,7 @@ from radixserve.bench.datasets import (
     sample_random,
     sample_sharegpt,
 )
-from radixserve.bench.metrics import BenchMetrics, RequestResult, format_table
+from radixserve.bench.metrics import BenchMetrics, RequestResult, constrained_cost, format_table
 
 __all__ = ["build_parser", "flatten_metrics", "main"]
 
@@ -90,6 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-duration",
         type=float,
         help="seconds; then cancel what is unfinished and report the finished requests",
+    )
+    p.add_argument(
+        "--json-schema-ratio",
+        type=float,
+        default=0.0,
+        help="share of requests whose answer is constrained by a JSON schema (see --json-schema)",
+    )
+    p.add_argument(
+        "--json-schema",
+        default=json.dumps(DEFAULT_SCHEMA),
+        help="the JSON schema text for constrained requests (default: a small record)",
     )
     p.add_argument("--output-file", help="append one JSON line with the config and results")
     p.add_argument("--output-details", action="store_true", help="include per-request timings")
@@ -185,6 +197,30 @@ def _details(results: list[RequestResult]) -> dict[str, Any]:
     }
 
 
+DEFAULT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string"},
+        "summary": {"type": "string"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+    },
+    "required": ["title", "summary", "tags"],
+}
+
+
+def mark_constrained(requests: list, ratio: float, schema: str, seed: int) -> None:
+    """Give a seeded random share of the requests a JSON schema, so one run measures the
+    cost of constrained decoding against plain requests on the same prompts."""
+    if not 0.0 <= ratio <= 1.0:
+        raise SystemExit("--json-schema-ratio must be between 0 and 1")
+    if ratio == 0:
+        return
+    rng = random.Random(seed)
+    for r in requests:
+        if rng.random() < ratio:
+            r.json_schema = schema
+
+
 def _append_jsonl(path: str, record: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
@@ -194,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     tokenizer = load_tokenizer(args.tokenizer)
     requests = make_requests(args, tokenizer)
+    mark_constrained(requests, args.json_schema_ratio, args.json_schema, args.seed)
     warmup = warmup_requests(args.warmup_requests, tokenizer, args.seed)
     ignore_eos = not args.disable_ignore_eos
     record: dict[str, Any] = {
@@ -204,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "ignore_eos": ignore_eos,
         "warmup_requests": args.warmup_requests,
+        "json_schema_ratio": args.json_schema_ratio,
     }
 
     if args.offline:
@@ -245,6 +283,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"radixserve bench: {exc}", file=sys.stderr)
             return 1
         print(format_table(metrics))
+        cost = constrained_cost(results) if args.json_schema_ratio else None
+        if cost is not None:
+            print(
+                f"JSON-schema requests: {cost['tpot_constrained_ms']:.1f} ms per output token vs "
+                f"{cost['tpot_plain_ms']:.1f} ms for plain ones ({cost['tpot_ratio']:.2f}x)"
+            )
+            record |= cost
         if len(results) < len(requests):
             print(f"stopped after --max-duration: {len(requests) - len(results)} unfinished")
         record |= {

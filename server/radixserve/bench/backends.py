@@ -70,7 +70,9 @@ async def _post_stream(
     request: BenchRequest,
     on_event: Callable[[_Timer, float, Any], None],
 ) -> RequestResult:
-    result = RequestResult(prompt_len=request.prompt_len)
+    result = RequestResult(
+        prompt_len=request.prompt_len, constrained=request.json_schema is not None
+    )
     start = time.perf_counter()
     timer = _Timer(result, start)
     try:
@@ -110,6 +112,8 @@ async def send_radixserve(
         },
         "stream": True,
     }
+    if request.json_schema is not None:
+        payload["sampling_params"]["json_schema"] = request.json_schema
     seen = {"tokens": 0}
 
     def on_event(timer: _Timer, now: float, event: dict[str, Any]) -> None:
@@ -150,6 +154,15 @@ def _on_openai_event(delta_of: Callable[[dict[str, Any]], str | None]):
     return on_event
 
 
+def _response_format(payload: dict[str, Any], request: BenchRequest) -> None:
+    if request.json_schema is not None:
+        schema = json.loads(request.json_schema)
+        payload["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "bench", "schema": schema},
+        }
+
+
 async def send_openai(
     session: aiohttp.ClientSession,
     base_url: str,
@@ -168,6 +181,7 @@ async def send_openai(
         "stream_options": {"include_usage": True},
         "ignore_eos": ignore_eos,
     }
+    _response_format(payload, request)
     on_event = _on_openai_event(lambda c: c.get("text"))
     return await _post_stream(
         session, base_url + ENDPOINTS["openai"], payload, headers, request, on_event
@@ -192,6 +206,7 @@ async def send_openai_chat(
         "stream_options": {"include_usage": True},
         "ignore_eos": ignore_eos,
     }
+    _response_format(payload, request)
     on_event = _on_openai_event(lambda c: (c.get("delta") or {}).get("content"))
     return await _post_stream(
         session, base_url + ENDPOINTS["openai-chat"], payload, headers, request, on_event

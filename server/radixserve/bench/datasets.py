@@ -31,6 +31,7 @@ class BenchRequest:
     prompt: str
     prompt_len: int
     output_len: int
+    json_schema: str | None = None  # constrain the answer (the structured-output workload)
 
 
 def _package_dir(name: str) -> Path:

@@ -25,6 +25,30 @@ class RequestResult:
     latency: float = 0.0
     itl: list[float] = field(default_factory=list)
     error: str = ""
+    constrained: bool = False  # answer constrained by a JSON schema
+
+
+def constrained_cost(results: list[RequestResult]) -> dict[str, float] | None:
+    """Mean time per output token of constrained vs plain requests of one run, and their
+    ratio: what the grammar masks cost (None unless both kinds finished)."""
+
+    def tpot(group: list[RequestResult]) -> float | None:
+        vals = [
+            (r.latency - r.ttft) / (r.output_len - 1)
+            for r in group
+            if r.success and r.output_len > 1
+        ]
+        return sum(vals) / len(vals) if vals else None
+
+    with_schema = tpot([r for r in results if r.constrained])
+    plain = tpot([r for r in results if not r.constrained])
+    if with_schema is None or plain is None:
+        return None
+    return {
+        "tpot_constrained_ms": with_schema * 1000,
+        "tpot_plain_ms": plain * 1000,
+        "tpot_ratio": with_schema / plain,
+    }
 
 
 @dataclass
