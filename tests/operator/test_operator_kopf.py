@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import kmock as kmock_lib
+import pytest
 from operator_harness import (
     DEPLOY_PATH,
     DEPLOYMENTS,
