@@ -46,7 +46,14 @@ def post(server: Server, path: str, body) -> httpx.Response:
             "messages[0].content[0]",
             "image_url",
         ),
-        ({"messages": MSG, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format", "schema"),
+        (
+            {
+                "messages": MSG,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x"}},
+            },
+            "response_format",
+            "schema",
+        ),
         ({"messages": MSG, "stream": "yes please"}, "stream", "boolean"),
         ({"messages": MSG, "seed": "x"}, "seed", "integer"),
     ],
