@@ -27,6 +27,7 @@ from radixserve.config import ServerArgs
 from radixserve.engine.client import EngineClient, EngineError
 from radixserve.engine.io_struct import EngineReady
 
+FAILURE_LINGER_S = 1.0
 logger = logging.getLogger("radixserve.api")
 
 # Probes and scrapers: no API key, still answered while draining.
@@ -85,11 +86,15 @@ class ServerState:
         self.fail(f"engine died: {self.client.dead}")
 
     def fail(self, why: str) -> None:
-        """Fatal: /health turns 503 and the server exits non-zero."""
+        """Fatal: /health turns 503 at once and the server exits non-zero a moment later,
+        so probes see the 503 and streams get their error events before the exit."""
         logger.error(why)
         self.failure = why
         self.exit_code = 1
-        self.stop.set()
+        try:
+            asyncio.get_running_loop().call_later(FAILURE_LINGER_S, self.stop.set)
+        except RuntimeError:  # no loop running: nothing left to serve
+            self.stop.set()
 
     async def drain(self, timeout: float) -> None:
         """Refuse new work, then wait (up to `timeout`) for the requests already admitted."""

@@ -181,6 +181,8 @@ class EngineClient:
         return (
             self.info is not None
             and self.dead is None
+            and self._proc is not None
+            and self._proc.is_alive()  # a killed engine is unhealthy now, not at the next watch
             and time.monotonic() - self.last_heartbeat < max(5 * HEARTBEAT_S, 5.0)
         )
 
