@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import time
 from contextlib import asynccontextmanager
 
@@ -28,6 +29,18 @@ from radixserve.engine.client import EngineClient, EngineError
 from radixserve.engine.io_struct import EngineReady
 
 FAILURE_LINGER_S = 1.0
+_GGUF_QUANT = re.compile(r"[.-](?:[QqFf][0-9][0-9A-Za-z_]*|BF16|bf16)$")
+
+
+def default_served_name(model_path: str) -> str:
+    """The folder or file name, without `.gguf` and a quantisation tag such as `.Q4_1`:
+    SmolLM2-135M-Instruct.Q4_1.gguf is served as SmolLM2-135M-Instruct."""
+    name = os.path.basename(model_path.rstrip("/"))
+    if name.endswith(".gguf"):
+        name = _GGUF_QUANT.sub("", name.removesuffix(".gguf"))
+    return name
+
+
 logger = logging.getLogger("radixserve.api")
 
 # Probes and scrapers: no API key, still answered while draining.
@@ -61,7 +74,7 @@ class ServerState:
             return
         self.info = info
         if not self.args.served_model_name:
-            self.model_name = os.path.basename(info.model_path.rstrip("/"))
+            self.model_name = default_served_name(info.model_path)
         kind = "embedding model" if info.is_embedding else "model"
         capacity = (
             f"{info.embedding.dimensions} dimensions"
