@@ -55,6 +55,9 @@ class ServerArgs:
     mem_fraction_static: float = _f(0.85, "fraction of device memory for weights + KV cache (CUDA)")
     max_total_tokens: int | None = _f(None, "KV cache size in tokens (default: from memory)")
     max_running_requests: int = _f(128, "most requests decoding at once")
+    max_queued_requests: int | None = _f(
+        None, "sequences allowed to wait beyond the running ones; more get 503 (default: no limit)"
+    )
     chunked_prefill_size: int = _f(
         2048, "prefill long prompts in chunks of this many tokens (-1: off)"
     )
@@ -112,6 +115,8 @@ class ServerArgs:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_queued_requests is not None and self.max_queued_requests < 0:
+            raise ValueError("--max-queued-requests must be at least 0")
         if self.max_total_tokens is not None and self.max_total_tokens < 16:
             raise ValueError("--max-total-tokens must be at least 16")
         if self.context_length is not None and self.context_length < 2:

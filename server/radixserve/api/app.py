@@ -60,6 +60,7 @@ class ServerState:
         self.exit_code = 0
         self.stop = asyncio.Event()  # set: the server should exit (with exit_code)
         self.in_flight = 0
+        self.open_sequences = 0  # started and not yet finished: admission control counts these
         self.active_rids: set[str] = set()  # engine request ids now generating
         self.metrics = Metrics(lambda: self.client.stats, args.log_requests)
         self.started_at = time.time()

@@ -13,6 +13,7 @@ import contextlib
 import json
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,6 +137,7 @@ async def start_sequences(
     kw = {"stream": True, "return_logprob": return_logprob, "top_logprobs_num": top_logprobs_num}
     if rid in state.active_rids or any(r.startswith(f"{rid}-") for r in state.active_rids):
         raise bad_request(f"rid: request id {rid!r} is already in use", "rid")
+    release = _admit(state, sum(p.n for p in params))
 
     async def one(j: int) -> list[AsyncIterator[GenerateChunk]]:
         sub = rid if len(prompts) == 1 else f"{rid}-p{j}"
@@ -148,6 +150,8 @@ async def start_sequences(
             if not isinstance(g, BaseException):
                 for s in g:
                     await s.aclose()
+        for r in release:
+            r()
         if isinstance(failed, EngineError):
             raise APIError(503, f"engine unavailable: {failed}", code="engine_error")
         raise failed
@@ -155,12 +159,49 @@ async def start_sequences(
     base = 0
     for g in groups:
         for i, s in enumerate(g):
-            streams.append(_tracked(state, s, base + i, state.metrics.timer(arrival, route)))
+            free = release[len(streams)]
+            tracked = _tracked(state, s, base + i, state.metrics.timer(arrival, route), free)
+            # a stream closed or dropped before it ever ran skips its finally: free it then
+            weakref.finalize(tracked, free)
+            streams.append(tracked)
         base += len(g)
     return Sequences(rid, streams, params[0].n, arrival)
 
 
-async def _tracked(state: ServerState, stream, index: int, timer) -> AsyncIterator[GenerateChunk]:
+def _admit(state: ServerState, count: int) -> list:
+    """Reserve `count` sequences before anything is awaited, so a burst is counted exactly;
+    beyond the running capacity plus --max-queued-requests, answer 503 (SGLang/vLLM users
+    expect a fast refusal with Retry-After rather than an unbounded queue)."""
+    limit = state.args.max_queued_requests
+    if limit is not None:
+        queued = state.open_sequences + count - state.info.max_running_requests
+        if queued > limit:
+            raise APIError(
+                503,
+                f"server overloaded: {state.open_sequences} sequences in flight, at most "
+                f"{limit} may wait beyond the {state.info.max_running_requests} running; retry later",
+                code="server_overloaded",
+                headers={"Retry-After": "1"},
+            )
+    state.open_sequences += count
+
+    def once():
+        done = False
+
+        def free() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                state.open_sequences -= 1
+
+        return free
+
+    return [once() for _ in range(count)]
+
+
+async def _tracked(
+    state: ServerState, stream, index: int, timer, free=lambda: None
+) -> AsyncIterator[GenerateChunk]:
     rid = None
     try:
         async for chunk in stream:
@@ -176,6 +217,7 @@ async def _tracked(state: ServerState, stream, index: int, timer) -> AsyncIterat
     finally:
         if rid is not None:
             state.active_rids.discard(rid)
+        free()
         await stream.aclose()
 
 
