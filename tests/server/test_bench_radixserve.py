@@ -25,10 +25,11 @@ def test_constrained_cost_arithmetic():
     assert constrained_cost([plain]) is None
 
 
-def test_bench_native_backend_with_json_schema_requests(api_server: Server, tmp_path):
+@pytest.mark.parametrize("backend", ["radixserve", "openai-chat"])
+def test_bench_with_json_schema_requests(api_server: Server, tmp_path, backend):
     out = tmp_path / "r.jsonl"
     argv = [
-        "--backend", "radixserve",
+        "--backend", backend,
         "--base-url", api_server.url,
         "--dataset-name", "random",
         "--random-input-len", "16",

@@ -154,13 +154,27 @@ def _on_openai_event(delta_of: Callable[[dict[str, Any]], str | None]):
     return on_event
 
 
-def _response_format(payload: dict[str, Any], request: BenchRequest) -> None:
+def _openai_payload(
+    request: BenchRequest, model: str | None, ignore_eos: bool, **prompt: Any
+) -> dict[str, Any]:
+    """The body both OpenAI routes share: greedy, streamed with usage, the prompt given as
+    `prompt` or `messages`, and a JSON-schema response_format for constrained requests."""
+    payload = {
+        "model": model,
+        **prompt,
+        "max_tokens": request.output_len,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": ignore_eos,
+    }
     if request.json_schema is not None:
         schema = json.loads(request.json_schema)
         payload["response_format"] = {
             "type": "json_schema",
             "json_schema": {"name": "bench", "schema": schema},
         }
+    return payload
 
 
 async def send_openai(
@@ -172,16 +186,7 @@ async def send_openai(
     headers: dict[str, str],
 ) -> RequestResult:
     """POST /v1/completions with the raw prompt (no chat template)."""
-    payload = {
-        "model": model,
-        "prompt": request.prompt,
-        "max_tokens": request.output_len,
-        "temperature": 0.0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "ignore_eos": ignore_eos,
-    }
-    _response_format(payload, request)
+    payload = _openai_payload(request, model, ignore_eos, prompt=request.prompt)
     on_event = _on_openai_event(lambda c: c.get("text"))
     return await _post_stream(
         session, base_url + ENDPOINTS["openai"], payload, headers, request, on_event
@@ -197,16 +202,8 @@ async def send_openai_chat(
     headers: dict[str, str],
 ) -> RequestResult:
     """POST /v1/chat/completions with the prompt as one user message."""
-    payload = {
-        "model": model,
-        "messages": [{"role": "user", "content": request.prompt}],
-        "max_tokens": request.output_len,
-        "temperature": 0.0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "ignore_eos": ignore_eos,
-    }
-    _response_format(payload, request)
+    messages = [{"role": "user", "content": request.prompt}]
+    payload = _openai_payload(request, model, ignore_eos, messages=messages)
     on_event = _on_openai_event(lambda c: (c.get("delta") or {}).get("content"))
     return await _post_stream(
         session, base_url + ENDPOINTS["openai-chat"], payload, headers, request, on_event
