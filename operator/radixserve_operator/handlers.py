@@ -26,8 +26,9 @@ def configure(settings: kopf.OperatorSettings) -> None:
         prefix=GROUP, key="last-handled-configuration"
     )
     # Warnings and errors (a bad spec, a failed apply) become Events on the ModelDeployment;
-    # INFO would add one for every timer run.
+    # INFO would add one for every timer run. kopf 1.45+ posts log messages only when asked.
     settings.posting.level = logging.WARNING
+    settings.posting.loggers = True
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
 
