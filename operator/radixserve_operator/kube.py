@@ -17,6 +17,8 @@ from typing import Any
 
 import aiohttp
 
+# Names the operator's own calls in the API server's audit log (kopf's say "kopf/<version>").
+USER_AGENT = "radixserve-operator"
 PLURALS = {
     "Deployment": "deployments",
     "Service": "services",
@@ -83,7 +85,7 @@ class KubeClient:
     ) -> dict[str, Any]:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
         if body is not None:
             headers["Content-Type"] = content_type
         token = self.authorization()

@@ -64,3 +64,23 @@ def absent(kmock: kmock_lib.KubernetesEmulator, resource: str, name: str = "demo
     except KeyError:
         return True
     return False
+
+
+async def patch(cluster: kmock_lib.KubernetesEmulator, path: str, body: dict[str, Any]) -> None:
+    """Write through the API (not kmock.objects) so that watchers see the change."""
+    headers = {"Content-Type": "application/merge-patch+json"}
+    async with cluster.patch(path, json=body, headers=headers) as response:
+        assert response.status == 200, await response.text()
+
+
+READY_DEPLOYMENT_STATUS = {
+    "status": {
+        "replicas": 1,
+        "readyReplicas": 1,
+        "updatedReplicas": 1,
+        "conditions": [
+            {"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"},
+            {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"},
+        ],
+    }
+}

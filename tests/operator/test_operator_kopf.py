@@ -10,10 +10,12 @@ from operator_harness import (
     MD,
     MD_PATH,
     NS,
+    READY_DEPLOYMENT_STATUS,
     absent,
     eventually,
     model_deployment,
     obj,
+    patch,
 )
 
 OWNER = {
@@ -45,26 +47,6 @@ async def test_create_applies_owned_deployment_and_service(cluster, operator) ->
     assert status["phase"] == "Progressing"
     assert status["endpoint"] == "http://demo.default.svc.cluster.local:80/v1"
     assert status["selector"] == "app.kubernetes.io/name=radixserve,app.kubernetes.io/instance=demo"
-
-
-async def patch(cluster: kmock_lib.KubernetesEmulator, path: str, body: dict) -> None:
-    """Write through the API (not kmock.objects) so that watchers see the change."""
-    headers = {"Content-Type": "application/merge-patch+json"}
-    async with cluster.patch(path, json=body, headers=headers) as response:
-        assert response.status == 200, await response.text()
-
-
-READY_DEPLOYMENT_STATUS = {
-    "status": {
-        "replicas": 1,
-        "readyReplicas": 1,
-        "updatedReplicas": 1,
-        "conditions": [
-            {"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"},
-            {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"},
-        ],
-    }
-}
 
 
 async def test_spec_change_patches_the_deployment(cluster, operator) -> None:

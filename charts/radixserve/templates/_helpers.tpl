@@ -29,15 +29,19 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 
 {{/* What the operator does inside a namespace it watches: its resources, their children,
-     the Secrets it reads for API keys, and Events. Kept in step with the operator's code by
-     tests/chart. */}}
+     the Secrets it reads for API keys, and Events. Every grant is listed, with its reason,
+     in docs/kubernetes.md; tests/chart fails when the two disagree, and tests/operator when
+     the operator makes a call no grant allows. */}}
 {{- define "radixserve.namespacedRules" -}}
 - apiGroups: [radixserve.dev]
   resources: [modeldeployments]
-  verbs: [get, list, watch, patch, update]
+  verbs: [get, list, watch, patch]
 - apiGroups: [radixserve.dev]
   resources: [modeldeployments/status]
-  verbs: [get, patch, update]
+  verbs: [patch]
+- apiGroups: [radixserve.dev]
+  resources: [modeldeployments/finalizers]
+  verbs: [update]
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [get, list, watch, create, patch, delete]
@@ -59,7 +63,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get]
-- apiGroups: ["", events.k8s.io]
+- apiGroups: [""]
   resources: [events]
-  verbs: [create, patch]
+  verbs: [create]
 {{- end -}}
