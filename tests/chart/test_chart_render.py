@@ -29,6 +29,12 @@ NON_DEFAULT = {
     "priorityClassName": "system-cluster-critical",
     "serviceMonitor": {"enabled": True, "interval": "30s", "labels": {"release": "prom"}},
     "networkPolicy": {"enabled": True},
+    "serverNetworkPolicy": {
+        "enabled": True,
+        "clients": {"namespaceSelector": {"matchLabels": {"team": "ml"}}},
+        "metricsScraper": {"namespaceSelector": {"matchLabels": {"name": "prometheus"}}},
+        "extraFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}],
+    },
 }
 
 
@@ -67,7 +73,15 @@ def test_defaults_render_valid_manifests(render: Render) -> None:
 def test_non_default_values_render_valid_manifests(render: Render) -> None:
     objects = render(NON_DEFAULT)
     assert validate_all(objects) == len(objects) - 1
-    assert len(by_kind(objects, "NetworkPolicy")) == 1
+    policies = sorted(
+        (p["metadata"]["name"], p["metadata"]["namespace"])
+        for p in by_kind(objects, "NetworkPolicy")
+    )
+    assert policies == [
+        ("radixserve", "radixserve-system"),  # the operator's
+        ("radixserve-models", "ml"),  # the model servers', one per watched namespace
+        ("radixserve-models", "ml-staging"),
+    ]
     (monitor,) = by_kind(objects, "ServiceMonitor")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["metadata"]["labels"]["release"] == "prom"
