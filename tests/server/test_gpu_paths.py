@@ -134,8 +134,9 @@ class FakeFlashInfer(types.ModuleType):
                 paged_kv_indptr_buffer=None,
                 paged_kv_indices_buffer=None,
                 paged_kv_last_page_len_buffer=None,
+                backend="auto",
             ):
-                super().__init__(workspace, kv_layout)
+                super().__init__(workspace, kv_layout, backend)
                 assert isinstance(use_tensor_cores, bool)
                 self.graph_mode = use_cuda_graph
                 if use_cuda_graph:
@@ -218,9 +219,9 @@ class _PagedWrapper:
     NHD pages [pages, page_size, kv_heads, head_dim], the last page holding
     last_page_len[i] entries; query head h reads KV head h // (qo_heads / kv_heads)."""
 
-    def __init__(self, workspace, kv_layout="NHD"):
+    def __init__(self, workspace, kv_layout="NHD", backend="auto"):
         assert workspace.dtype == torch.uint8 and workspace.numel() >= 128 * 1024 * 1024
-        assert kv_layout == "NHD"
+        assert kv_layout == "NHD" and backend in ("auto", "fa2", "fa3")
         self.spec = None
         self.table = None
 

@@ -1,17 +1,22 @@
 """Paged attention with FlashInfer on CUDA (page size 1: a slot is a page).
 
 Written against FlashInfer's documented wrappers. Prefill (prompt chunks on top of cached
-prefixes) runs BatchPrefillWithPagedKVCacheWrapper with a causal mask over each request's
-slots; decode runs BatchDecodeWithPagedKVCacheWrapper. The K/V of the step is written into
-the pool first, so both kernels read every key from the pool: the pool's per-layer tensors,
+prefixes) runs BatchPrefillWithPagedKVCacheWrapper with `causal=True`, whose mask FlashInfer
+aligns to the end of each request's KV (query i of a chunk of q tokens over kv keys sees
+keys 0 .. kv - q + i), so one call covers a cached prefix and the chunk's own tokens; decode
+runs BatchDecodeWithPagedKVCacheWrapper. The K/V of the step is written into the pool
+first, so both kernels read every key from the pool: the pool's per-layer tensors,
 [slots, kv_heads, head_dim], are passed as a (k, v) tuple viewed as [pages, 1, kv_heads,
-head_dim] (NHD, page size 1), and no copy of the pool is ever made.
+head_dim] (NHD, page size 1: every last_page_len is 1), and no copy of the pool is made.
 
 `plan` runs once per step on the host (its indptr/last-page-len arguments are CPU tensors,
 so planning needs no device sync); `run` runs once per layer. For CUDA graphs the decode
 path has one wrapper per captured batch size, built in CUDA-graph mode over buffers that
 stay put: the graph records kernels reading those buffers, and each replay first re-plans
-the wrapper, which rewrites them in place. Imported only when chosen.
+the wrapper, which rewrites them in place (FlashInfer fixes the kernel's grid per batch size
+in this mode, so a plan at capture and one at replay launch the same kernels). The
+checks of this contract on the CPU, against a stand-in that keeps it, are in
+tests/server/test_gpu_paths.py. Imported only when chosen.
 """
 
 from __future__ import annotations
@@ -21,8 +26,14 @@ import torch
 from radixserve.layers.attention.base import AttentionBackend, ForwardBatch
 
 WORKSPACE_BYTES = 256 * 1024 * 1024
-# FlashInfer's tensor-core decode pays off once several query heads share a KV head
+# FlashInfer's tensor-core decode pays off once several query heads share a KV head (SGLang's
+# rule too); its CUDA-core decode kernel is built only for groups of 1, 2, 3, 4, 6, 8 and 16,
+# so uneven tensor-parallel head splits (groups of 5, 7, ...) must take tensor cores anyway.
 TENSOR_CORE_MIN_GROUP = 4
+# FlashInfer's FA2 prefill kernels are the same compiled module as its tensor-core decode
+# (one JIT build per dtype and head size instead of two, the FA3 one being the slow one to
+# compile); "auto" would take FA3 on Hopper.
+PREFILL_KERNELS = "fa2"
 
 
 class FlashInferAttentionBackend(AttentionBackend):
@@ -34,7 +45,9 @@ class FlashInferAttentionBackend(AttentionBackend):
         self.num_heads = num_heads
         # FlashInfer asks for a zeroed workspace on first use
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
-        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            self.workspace, "NHD", backend=PREFILL_KERNELS
+        )
         self.decode = None  # built on the first step, once the GQA group size is known
         self.graph_decode: dict[int, object] = {}  # batch size -> CUDA-graph-mode wrapper
         self.graph_buffers: dict[str, torch.Tensor] = {}
