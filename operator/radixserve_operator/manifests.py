@@ -19,11 +19,16 @@ SERVER_PORT = 30000
 MODELS_DIR = "/models"
 PVC_MOUNT = "/mnt/model"
 CACHE_DIR = "/cache"
-# The Service keeps sending traffic for a moment after SIGTERM while endpoints update;
-# the preStop sleep covers that window before the server starts draining.
+# Termination, in the kubelet's order (docs/kubernetes.md, "Drain timing"):
+#   preStop sleep: the pod is already out of the Service's endpoints, but kube-proxy and
+#     gateways take a moment to notice, so the server keeps serving what still arrives;
+#   SIGTERM: the server drains, /health and new requests 503, in-flight requests finish,
+#     for up to --shutdown-timeout (spec.engine.shutdownTimeoutSeconds);
+#   exit: the server closes its connections (uvicorn allows 5 s) and stops its engine
+#     process (joined for up to 10 s), then exits 0.
+# terminationGracePeriodSeconds covers all three, so SIGKILL never cuts a drain short.
 PRESTOP_SLEEP_SECONDS = 5
-# Headroom over drain + preStop for the process to exit before SIGKILL.
-EXIT_MARGIN_SECONDS = 10
+EXIT_MARGIN_SECONDS = 15
 UID = 1000
 
 DEFAULT_PROBES: dict[str, dict[str, int]] = {
@@ -124,6 +129,11 @@ def server_args(name: str, spec: Spec) -> list[str]:
     args += ["--shutdown-timeout", str(engine["shutdownTimeoutSeconds"])]
     args += ["--log-level", engine["logLevel"]]
     return args + list(engine.get("extraArgs", []))
+
+
+def termination_grace_seconds(spec: Spec) -> int:
+    """preStop sleep + the server's drain (--shutdown-timeout) + its exit."""
+    return PRESTOP_SLEEP_SECONDS + spec["engine"]["shutdownTimeoutSeconds"] + EXIT_MARGIN_SECONDS
 
 
 def _probe(kind: str, spec: Spec) -> dict[str, Any]:
@@ -245,7 +255,6 @@ def deployment(name: str, namespace: str, spec: Spec) -> Manifest:
     image_spec = spec["image"]
     image = f"{image_spec['repository']}:{image_spec['tag']}"
     volumes, mounts = _volumes(name, spec)
-    drain = spec["engine"]["shutdownTimeoutSeconds"]
     container = {
         "name": "server",
         "image": image,
@@ -266,7 +275,7 @@ def deployment(name: str, namespace: str, spec: Spec) -> Manifest:
         # A Service named like a RADIXSERVE_* flag would otherwise inject RADIXSERVE_PORT etc.
         "enableServiceLinks": False,
         "automountServiceAccountToken": False,
-        "terminationGracePeriodSeconds": drain + PRESTOP_SLEEP_SECONDS + EXIT_MARGIN_SECONDS,
+        "terminationGracePeriodSeconds": termination_grace_seconds(spec),
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": UID,

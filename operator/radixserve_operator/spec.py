@@ -54,6 +54,13 @@ def with_defaults(spec: Spec) -> Spec:
 
 
 MODEL_SOURCES = ("path", "pvc", "huggingFace", "url")
+# Server flags the operator sets from other fields and builds on: the Service, probes and
+# NetworkPolicy use the port; terminationGracePeriodSeconds is sized from the drain time.
+OWNED_FLAGS = {
+    "--port": "the pods serve on 30000, which the Service and probes use",
+    "--shutdown-timeout": "set engine.shutdownTimeoutSeconds, which also sizes the pods' "
+    "terminationGracePeriodSeconds",
+}
 
 
 def problems(spec: Spec) -> list[str]:
@@ -87,6 +94,10 @@ def problems(spec: Spec) -> list[str]:
             f"autoscaling.minReplicas ({autoscaling['minReplicas']}) exceeds "
             f"autoscaling.maxReplicas ({autoscaling['maxReplicas']})"
         )
+    for arg in spec["engine"].get("extraArgs", []):
+        flag = arg.split("=", 1)[0]
+        if flag in OWNED_FLAGS:
+            found.append(f"engine.extraArgs must not set {flag}: {OWNED_FLAGS[flag]}")
     if spec["engine"]["device"] == "cuda" and gpus == 0:
         found.append("engine.device is cuda but resources.gpus is 0: request at least one GPU")
     return found

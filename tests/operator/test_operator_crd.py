@@ -138,11 +138,15 @@ CROSS_FIELD = {
     "gpus without tp": {"resources": {"gpus": 2}},
     "two model sources": {"model": {"path": "/m", "url": "https://h/m.gguf"}},
     "min above max": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}},
+    "extra args set the port": {"engine": {"extraArgs": ["--port", "8000"]}},
+    "extra args set the drain": {
+        "engine": {"extraArgs": ["--log-level", "debug", "--shutdown-timeout=5"]}
+    },
 }
 
 
 def test_cel_rules_are_all_exercised() -> None:
-    assert len(CEL_RULES) == 3
+    assert len(CEL_RULES) == 4
 
 
 @pytest.mark.parametrize("case", CROSS_FIELD)
@@ -151,6 +155,12 @@ def test_cel_and_the_operator_reject_the_same_cross_field_mistakes(case: str) ->
     document = {"spec": specs.with_defaults(CROSS_FIELD[case])}
     assert not cel_accepts(document)
     assert specs.problems(document["spec"])
+
+
+def test_cel_and_the_operator_accept_flags_that_only_look_alike() -> None:
+    document = {"spec": specs.with_defaults({"engine": {"extraArgs": ["--portal", "x=--port"]}})}
+    assert cel_accepts(document)
+    assert specs.problems(document["spec"]) == []
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)

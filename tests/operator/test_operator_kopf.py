@@ -222,3 +222,38 @@ async def test_operator_restart_resumes_and_reapplies(cluster, operator) -> None
 
     deployment = await eventually(lambda: obj(cluster, DEPLOYMENTS))
     assert deployment["spec"]["replicas"] == 2
+
+
+async def test_a_longer_drain_rolls_the_flag_and_the_grace_period_together(
+    cluster, operator
+) -> None:
+    cluster.objects[MD, NS, "demo"] = model_deployment()
+    pod = (await eventually(lambda: obj(cluster, DEPLOYMENTS)))["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 5 + 30 + 15
+
+    await patch(
+        cluster,
+        f"{MD_PATH}/demo",
+        {"metadata": {"generation": 2}, "spec": {"engine": {"shutdownTimeoutSeconds": 120}}},
+    )
+
+    def drain_of(pod: dict) -> tuple[str, int]:
+        args = pod["containers"][0]["args"]
+        return args[args.index("--shutdown-timeout") + 1], pod["terminationGracePeriodSeconds"]
+
+    await eventually(
+        lambda: drain_of(obj(cluster, DEPLOYMENTS)["spec"]["template"]["spec"]) == ("120", 140)
+    )
+    pod = obj(cluster, DEPLOYMENTS)["spec"]["template"]["spec"]
+    assert pod["containers"][0]["lifecycle"]["preStop"] == {"sleep": {"seconds": 5}}
+
+
+async def test_extra_args_that_take_over_the_drain_are_refused(cluster, operator) -> None:
+    cluster.objects[MD, NS, "demo"] = model_deployment(
+        engine={"extraArgs": ["--shutdown-timeout", "600"]}
+    )
+
+    status = await eventually(lambda: obj(cluster, MD).get("status"))
+    assert status["phase"] == "Failed"
+    assert "engine.extraArgs must not set --shutdown-timeout" in status["message"]
+    assert absent(cluster, DEPLOYMENTS)

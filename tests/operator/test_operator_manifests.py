@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 import kubernetes_validate
 import pytest
+from radixserve.config import ServerArgs
 from radixserve_operator import manifests
+from radixserve_operator import spec as specs
 from radixserve_operator.spec import with_defaults
 
 K8S_VERSION = "1.33.0"  # a recent release whose schemas kubernetes-validate ships
@@ -137,22 +140,108 @@ def test_downloads_run_in_an_init_container_on_the_shared_volume() -> None:
     assert {"name": "models", "emptyDir": {}} in url_volumes
 
 
-def test_pod_is_locked_down_and_drains() -> None:
-    deployment = manifests.deployment("demo", "ml", with_defaults({}))
-    pod = deployment["spec"]["template"]["spec"]
-    server = pod["containers"][0]
-    assert server["securityContext"]["readOnlyRootFilesystem"] is True
-    assert server["securityContext"]["allowPrivilegeEscalation"] is False
+def pods() -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (
+            variant,
+            manifests.deployment("demo", "ml", with_defaults(raw))["spec"]["template"]["spec"],
+        )
+        for variant, raw in VARIANTS.items()
+    ]
+
+
+@pytest.mark.parametrize("variant, pod", pods(), ids=list(VARIANTS))
+def test_every_container_is_locked_down(variant: str, pod: dict[str, Any]) -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
-    assert {m["mountPath"] for m in server["volumeMounts"]} >= {"/tmp", "/cache", "/dev/shm"}
+    assert pod["securityContext"]["runAsUser"] == manifests.UID != 0
+    assert pod["securityContext"]["runAsGroup"] != 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False  # the server never calls the API
+    assert "hostNetwork" not in pod and "hostPID" not in pod and "hostIPC" not in pod
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    containers = pod["containers"] + pod.get("initContainers", [])
+    assert len(containers) == (2 if variant in ("hf-tp2-everything", "url-gguf") else 1)
+    for container in containers:
+        context = container["securityContext"]
+        assert context["runAsNonRoot"] is True
+        assert context["readOnlyRootFilesystem"] is True
+        assert context["allowPrivilegeEscalation"] is False
+        assert context["capabilities"] == {"drop": ["ALL"]}
+        assert "privileged" not in context and "add" not in context["capabilities"]
+        # A read-only root: every place the process writes is a writable volume.
+        writable = {
+            m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly", False)
+        }
+        assert {"/tmp", manifests.CACHE_DIR} <= writable
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        for name in ("HOME", "HF_HOME", "XDG_CACHE_HOME"):
+            if name in env:
+                assert any(env[name].startswith(path) for path in writable), name
+        for mount in container["volumeMounts"]:
+            volume = volumes[mount["name"]]
+            assert "hostPath" not in volume
+    server = pod["containers"][0]
+    assert "/dev/shm" in {m["mountPath"] for m in server["volumeMounts"]}  # NCCL, torch
+
+
+DRAINS = [0, 30, 600]
+
+
+@pytest.mark.parametrize("drain", DRAINS)
+def test_grace_period_covers_prestop_drain_and_exit(drain: int) -> None:
+    spec = with_defaults({"engine": {"shutdownTimeoutSeconds": drain}})
+    pod = manifests.deployment("demo", "ml", spec)["spec"]["template"]["spec"]
+    server = pod["containers"][0]
+    assert flag(server["args"], "--shutdown-timeout") == str(drain)
+    assert server["args"].count("--shutdown-timeout") == 1
+    sleep = server["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert sleep == manifests.PRESTOP_SLEEP_SECONDS > 0
+    # The kubelet counts the grace period from the start of preStop; SIGTERM comes after
+    # it; the server then drains for up to --shutdown-timeout and needs time to exit.
+    grace = pod["terminationGracePeriodSeconds"]
+    assert grace == sleep + drain + manifests.EXIT_MARGIN_SECONDS
+    assert grace - sleep - drain >= 15  # uvicorn's 5 s close + the engine's 10 s join
+    # Probes keep reading /health, which turns 503 at SIGTERM, so readiness drops at once.
     assert server["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+
+
+def serve_args(raw: dict[str, Any]) -> Any:
+    """The container's arguments as the real `radixserve serve` reads them."""
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    server = container(raw)
+    assert server["command"] == ["radixserve", "serve"]
+    return ServerArgs.from_cli(parser.parse_args(server["args"]), environ={})
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_server_reads_the_flags_the_operator_passes(variant: str) -> None:
+    spec = with_defaults(VARIANTS[variant])
+    args = serve_args(VARIANTS[variant])
+    assert args.shutdown_timeout == spec["engine"]["shutdownTimeoutSeconds"]
+    assert args.port == manifests.SERVER_PORT == container({})["ports"][0]["containerPort"]
+    assert args.host == "0.0.0.0"
+    assert args.served_model_name == manifests.served_model_name("demo", spec)
+
+
+def test_the_crd_default_drain_is_the_servers() -> None:
+    default = with_defaults({})["engine"]["shutdownTimeoutSeconds"]
+    assert default == ServerArgs().shutdown_timeout == serve_args({}).shutdown_timeout
+
+
+def test_extra_args_cannot_take_over_the_drain_or_the_port() -> None:
+    for extra in (["--shutdown-timeout", "5"], ["--shutdown-timeout=5"], ["--port", "8000"]):
+        problems = specs.problems(with_defaults({"engine": {"extraArgs": extra}}))
+        assert len(problems) == 1 and extra[0].split("=")[0] in problems[0], extra
+    assert specs.problems(with_defaults({"engine": {"extraArgs": ["--log-level", "debug"]}})) == []
+
+
+def test_pod_has_no_service_links() -> None:
+    pod = manifests.deployment("demo", "ml", with_defaults({}))["spec"]["template"]["spec"]
+    assert pod["enableServiceLinks"] is False
+    server = pod["containers"][0]
     assert server["startupProbe"]["failureThreshold"] == 180
     assert "initialDelaySeconds" not in server["startupProbe"]
-    # 30s drain + 5s preStop + margin, so in-flight requests finish before SIGKILL.
-    assert flag(server["args"], "--shutdown-timeout") == "30"
-    assert pod["terminationGracePeriodSeconds"] > 30 + manifests.PRESTOP_SLEEP_SECONDS
-    assert server["lifecycle"]["preStop"] == {"sleep": {"seconds": manifests.PRESTOP_SLEEP_SECONDS}}
-    assert pod["enableServiceLinks"] is False
 
 
 def test_probe_overrides_keep_the_other_defaults() -> None:
