@@ -11,6 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from chart_harness import CHART, Render
+from radixserve_operator import manifests
 from radixserve_operator import spec as specs
 from radixserve_operator.kube import PLURALS
 
@@ -106,6 +107,28 @@ def test_operator_deployment(render: Render) -> None:
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod["serviceAccountName"] == "ops"
+
+
+@pytest.mark.parametrize("values", [{}, NON_DEFAULT], ids=["defaults", "non-default"])
+def test_operator_pod_is_locked_down(render: Render, values: dict[str, Any]) -> None:
+    (deployment,) = by_kind(render(values), "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    # The image's USER (Dockerfile) and the model pods' (manifests.UID) are the same.
+    assert pod["securityContext"]["runAsUser"] == manifests.UID != 0
+    assert pod["securityContext"]["runAsGroup"] != 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert "hostNetwork" not in pod and "hostPID" not in pod
+    (container,) = pod["containers"]
+    context = container["securityContext"]
+    assert context["readOnlyRootFilesystem"] is True
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"] == {"drop": ["ALL"]}
+    assert "privileged" not in context
+    # Its one writable path, on a read-only root.
+    (mount,) = container["volumeMounts"]
+    assert mount["mountPath"] == "/tmp"
+    assert {"name": mount["name"], "emptyDir": {}} in pod["volumes"]
 
 
 def test_crd_is_the_operator_packages_crd(render: Render) -> None:

