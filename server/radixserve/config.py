@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,16 @@ class ServerArgs:
         "weights and activations dtype; auto = bfloat16 where the device supports it",
         ("auto", "bfloat16", "float16", "float32"),
     )
+    quantization: str = _f(
+        "auto",
+        "weight-only int4 (and an int8 LM head) for decode batches of up to 8 on the CPU; "
+        "auto = int4 when the model is a 4-bit GGUF (Q4_0/Q4_1/Q4_K: packs without loss) "
+        "served in bfloat16 on the CPU",
+        ("auto", "none", "int4"),
+    )
+    cpu_threads: int = _f(
+        0, "torch threads of each CPU engine process; 0 = this node's cores over its ranks"
+    )
     device: str = _f("auto", "auto = cuda when available, else cpu", ("auto", "cuda", "cpu"))
     context_length: int | None = _f(None, "longest prompt + completion (default: the model's)")
     is_embedding: bool = _f(False, "serve an embedding model on /v1/embeddings")
@@ -57,6 +68,16 @@ class ServerArgs:
     max_running_requests: int = _f(128, "most requests decoding at once")
     max_queued_requests: int | None = _f(
         None, "sequences allowed to wait beyond the running ones; more get 503 (default: no limit)"
+    )
+    max_queued_tokens: int | None = _f(
+        None,
+        "prompt tokens allowed to wait for their first token (admitted, not yet prefilled); "
+        "more get 503 (default: no limit)",
+    )
+    request_timeout: float | None = _f(
+        None,
+        "seconds a request may wait and run before it is aborted (finish_reason abort); "
+        "a request's own `timeout` may shorten it, not extend it (default: no limit)",
     )
     chunked_prefill_size: int = _f(
         2048, "prefill long prompts in chunks of this many tokens (-1: off)"
@@ -117,6 +138,12 @@ class ServerArgs:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_queued_requests is not None and self.max_queued_requests < 0:
             raise ValueError("--max-queued-requests must be at least 0")
+        if self.max_queued_tokens is not None and self.max_queued_tokens < 1:
+            raise ValueError("--max-queued-tokens must be at least 1")
+        if self.request_timeout is not None and not 0 < self.request_timeout < math.inf:
+            raise ValueError("--request-timeout must be a positive number of seconds")
+        if self.cpu_threads < 0:
+            raise ValueError("--cpu-threads must be 0 (automatic) or more")
         if self.max_total_tokens is not None and self.max_total_tokens < 16:
             raise ValueError("--max-total-tokens must be at least 16")
         if self.context_length is not None and self.context_length < 2:

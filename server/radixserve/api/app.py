@@ -61,8 +61,11 @@ class ServerState:
         self.stop = asyncio.Event()  # set: the server should exit (with exit_code)
         self.in_flight = 0
         self.open_sequences = 0  # started and not yet finished: admission control counts these
+        self.queued_tokens = 0  # prompt tokens of open sequences with no output yet
         self.active_rids: set[str] = set()  # engine request ids now generating
         self.metrics = Metrics(lambda: self.client.stats, args.log_requests)
+        self.metrics.open_sequences.set_function(lambda: self.open_sequences)
+        self.metrics.queued_prompt_tokens.set_function(lambda: self.queued_tokens)
         self.started_at = time.time()
         self._token_text: dict[int, str] = {}
 

@@ -6,6 +6,7 @@ invalid field, and the message names the field.
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -59,8 +60,16 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
 
 
+class _ASCIIJSONResponse(JSONResponse):
+    """Escapes everything outside ASCII: a message that quotes the client's input stays
+    valid JSON even when that input held a lone surrogate (no 500 while reporting a 400)."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode()
+
+
 def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(
+    return _ASCIIJSONResponse(
         error_body(e.status, e.message, e.param, e.code), status_code=e.status, headers=e.headers
     )
 

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from radixserve.engine.client import GenerateChunk
@@ -91,6 +91,18 @@ class Metrics:
             registry=self.registry,
         )
 
+        # admission control's own counts (api/serving.py _admit), kept in this process
+        self.open_sequences = Gauge(
+            "radixserve_open_sequences",
+            "sequences admitted by the HTTP server and not finished (queued or running)",
+            registry=self.registry,
+        )
+        self.queued_prompt_tokens = Gauge(
+            "radixserve_queued_prompt_tokens",
+            "prompt tokens of admitted sequences that have no output yet (what "
+            "--max-queued-tokens bounds)",
+            registry=self.registry,
+        )
         self.queue_time = Histogram(
             "radixserve_queue_time_seconds",
             "time a sequence waited in the engine's queue before its first prefill",

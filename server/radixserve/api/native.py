@@ -24,9 +24,12 @@ from radixserve.api.serving import (
     DONE,
     Sequences,
     SSEResponse,
+    check_batch,
     check_prompt,
+    check_text,
     collect,
     make_params,
+    off_loop,
     sse,
     sse_error,
     start_sequences,
@@ -60,7 +63,10 @@ async def generate(req: GenerateRequest, request: Request):
     if req.text is not None:
         single = isinstance(req.text, str)
         texts = [req.text] if single else req.text
-        prompts = [state.client.encode(t) for t in texts]
+        check_batch(len(texts), 1, "text")
+        prompts = await off_loop(
+            lambda: [state.client.encode(check_text(t, "text")) for t in texts]
+        )
         param = "text"
     else:
         single = not req.input_ids or isinstance(req.input_ids[0], int)
@@ -75,10 +81,18 @@ async def generate(req: GenerateRequest, request: Request):
     params: list[SamplingParams] = [make_params(d, state, openai_names=False) for d in dicts]
     if len({p.n for p in params}) > 1:
         raise bad_request("sampling_params: n must be the same for every prompt", "n")
+    check_batch(len(prompts), params[0].n, param)
     for ids, p in zip(prompts, params, strict=True):
         check_prompt(state, ids, p.max_new_tokens, param, "max_new_tokens")
     seqs = await start_sequences(
-        state, prompts, params, "/generate", req.rid, req.return_logprob, req.top_logprobs_num
+        state,
+        prompts,
+        params,
+        "/generate",
+        req.rid,
+        req.return_logprob,
+        req.top_logprobs_num,
+        req.timeout,
     )
     if req.stream:
         return SSEResponse(_stream_generate(state, seqs))
@@ -198,7 +212,11 @@ async def tokenize(req: TokenizeRequest, request: Request) -> dict:
     text = req.prompt if req.prompt is not None else req.text
     if text is None:
         raise bad_request("prompt: required", "prompt")
-    ids = state.client.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
+    ids = await off_loop(
+        state.client.tokenizer.encode,
+        check_text(text, "prompt" if req.prompt is not None else "text"),
+        add_special_tokens=req.add_special_tokens,
+    )
     return {"tokens": ids, "count": len(ids), "max_model_len": state.info.context_length}
 
 

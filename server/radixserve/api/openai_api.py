@@ -42,10 +42,13 @@ from radixserve.api.serving import (
     DONE,
     Sequences,
     SSEResponse,
+    check_batch,
     check_prompt,
+    check_text,
     collect,
     finish_reason,
     make_params,
+    off_loop,
     sse,
     sse_error,
     start_sequences,
@@ -170,16 +173,18 @@ def _chat_messages(req: ChatCompletionRequest) -> list[dict]:
         d = m.model_dump(exclude_none=True)
         if d["role"] == "developer":  # OpenAI's newer name for system
             d["role"] = "system"
+        if isinstance(m.content, str):
+            check_text(m.content, f"messages[{i}].content")
         if isinstance(m.content, list):
             texts = []
             for j, part in enumerate(m.content):
+                param = f"messages[{i}].content[{j}]"
                 if part.type != "text" or part.text is None:
-                    param = f"messages[{i}].content[{j}]"
                     raise bad_request(
                         f"{param}: only text content parts are supported, got {part.type!r}",
                         param,
                     )
-                texts.append(part.text)
+                texts.append(check_text(part.text, param))
             d["content"] = "\n".join(texts)
         messages.append(d)
     return messages
@@ -201,7 +206,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
             )
         kwargs.update(add_generation_prompt=False, continue_final_message=True)
     try:
-        ids = state.client.apply_chat_template(_chat_messages(req), **kwargs)
+        ids = await off_loop(state.client.apply_chat_template, _chat_messages(req), **kwargs)
     except APIError:
         raise
     except Exception as e:  # a template rejecting the conversation (roles out of order, ...)
@@ -225,7 +230,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     if top_n and not req.logprobs:
         raise bad_request("top_logprobs: needs logprobs=true", "top_logprobs")
     seqs = await start_sequences(
-        state, [ids], [params], "/v1/chat/completions", req.rid, req.logprobs, top_n
+        state, [ids], [params], "/v1/chat/completions", req.rid, req.logprobs, top_n, req.timeout
     )
     if req.stream:
         return SSEResponse(_stream_chat(state, req, seqs, model, top_n, tools))
@@ -304,7 +309,9 @@ async def _stream_chat(
 
 
 # ---- completions --------------------------------------------------------------------------------
-def _completion_prompts(state: ServerState, prompt) -> tuple[list[list[int]], list[str]]:
+async def _completion_prompts(
+    state: ServerState, prompt, n: int
+) -> tuple[list[list[int]], list[str]]:
     """Token ids and text of each prompt (a string, strings, ids, or lists of ids)."""
     if isinstance(prompt, str):
         prompt = [prompt]
@@ -312,15 +319,16 @@ def _completion_prompts(state: ServerState, prompt) -> tuple[list[list[int]], li
         raise bad_request("prompt: must not be empty", "prompt")
     if isinstance(prompt[0], int):
         prompt = [prompt]
-    ids, texts = [], []
-    for p in prompt:
-        if isinstance(p, str):
-            ids.append(state.client.encode(p))
-            texts.append(p)
-        else:
-            ids.append(list(p))
-            texts.append(None)
-    return ids, texts
+    check_batch(len(prompt), n, "prompt")
+
+    def encode() -> list[list[int]]:
+        return [
+            state.client.encode(check_text(p, "prompt")) if isinstance(p, str) else list(p)
+            for p in prompt
+        ]
+
+    texts = [p if isinstance(p, str) else None for p in prompt]
+    return await off_loop(encode), texts
 
 
 def _completion_logprobs(
@@ -349,7 +357,7 @@ async def completions(req: CompletionRequest, request: Request):
         raise bad_request("best_of: only best_of == n is supported", "best_of")
     if req.echo and req.logprobs is not None:
         raise bad_request("echo: prompt logprobs (echo with logprobs) are not supported", "echo")
-    ids, texts = _completion_prompts(state, req.prompt)
+    ids, texts = await _completion_prompts(state, req.prompt, req.n)
     for p in ids:
         check_prompt(state, p, req.max_tokens, "prompt", "max_tokens")
     max_tokens = req.max_tokens if req.max_tokens is not None else 16
@@ -357,7 +365,7 @@ async def completions(req: CompletionRequest, request: Request):
     want_lp = req.logprobs is not None
     top_n = req.logprobs or 0
     seqs = await start_sequences(
-        state, ids, [params] * len(ids), "/v1/completions", req.rid, want_lp, top_n
+        state, ids, [params] * len(ids), "/v1/completions", req.rid, want_lp, top_n, req.timeout
     )
     echoes = []
     if req.echo:
@@ -446,7 +454,7 @@ def _embedding_inputs(state: ServerState, inp) -> list[list[int]]:
         if isinstance(x, str):
             if not x:
                 raise bad_request(f"input[{i}]: must not be an empty string", "input")
-            x = state.client.encode(x)
+            x = state.client.encode(check_text(x, "input"))
         ids = list(x)
         if not ids:
             raise bad_request(f"input[{i}]: must not be empty", "input")
@@ -508,7 +516,7 @@ async def embeddings(req: EmbeddingRequest, request: Request) -> EmbeddingRespon
             code="model_not_embedding",
         )
     _check_dimensions(req.dimensions, state)
-    ids = _embedding_inputs(state, req.input)
+    ids = await off_loop(_embedding_inputs, state, req.input)
     try:
         vectors = await until_disconnected(request, state.client.embed(ids))
     except ValueError as e:

@@ -28,6 +28,8 @@ from radixserve.engine.client import EngineError, GenerateChunk
 from radixserve.engine.sampling_params import SamplingParams
 
 DONE = "data: [DONE]\n\n"
+# the most sequences (prompts x n) one request may start: bounds the work one body can queue
+MAX_SEQUENCES = 2048
 # the engine's names -> the OpenAI request's names, for error messages
 _OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
 
@@ -122,6 +124,42 @@ class Sequences:
             await s.aclose()
 
 
+def check_batch(num_prompts: int, n: int, param: str) -> None:
+    """400 for a request that would start more sequences than MAX_SEQUENCES."""
+    if num_prompts * n > MAX_SEQUENCES:
+        name = param if num_prompts > MAX_SEQUENCES // n else "n"
+        raise bad_request(
+            f"{name}: {num_prompts} prompt(s) x n={n} is more than the {MAX_SEQUENCES} "
+            "sequences one request may start",
+            name,
+        )
+
+
+def check_text(text: str, param: str) -> str:
+    """400 for a string that is not Unicode text: JSON's "\\ud800" escape decodes to a lone
+    surrogate, which the tokenizer would refuse with a TypeError (a 500)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad_request(
+            f"{param}: not valid Unicode (a lone surrogate at character {e.start})", param
+        ) from e
+    return text
+
+
+def deadline_of(state: ServerState, timeout: float | None) -> float | None:
+    """time.monotonic() by which the request ends: its own `timeout` or --request-timeout,
+    whichever is shorter (a client may shorten the server's limit, not extend it)."""
+    limits = [t for t in (timeout, state.args.request_timeout) if t is not None]
+    return time.monotonic() + min(limits) if limits else None
+
+
+async def off_loop(fn, *args, **kwargs):
+    """Run tokenizer work (templates, encoding) in a worker thread: a huge prompt then
+    costs its own request time, not the event loop's (/health and every stream)."""
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
 async def start_sequences(
     state: ServerState,
     prompts: list[list[int]],
@@ -130,14 +168,22 @@ async def start_sequences(
     rid: str | None = None,
     return_logprob: bool = False,
     top_logprobs_num: int = 0,
+    timeout: float | None = None,
 ) -> Sequences:
     """n sequences per prompt, choice index = prompt * n + i (OpenAI's order)."""
     rid = rid or uuid.uuid4().hex
     arrival = time.perf_counter()
-    kw = {"stream": True, "return_logprob": return_logprob, "top_logprobs_num": top_logprobs_num}
+    kw = {
+        "stream": True,
+        "return_logprob": return_logprob,
+        "top_logprobs_num": top_logprobs_num,
+        "deadline": deadline_of(state, timeout),
+    }
     if rid in state.active_rids or any(r.startswith(f"{rid}-") for r in state.active_rids):
         raise bad_request(f"rid: request id {rid!r} is already in use", "rid")
-    release = _admit(state, sum(p.n for p in params))
+    slots = _admit(
+        state, [len(ids) for ids, p in zip(prompts, params, strict=True) for _ in range(p.n)]
+    )
 
     async def one(j: int) -> list[AsyncIterator[GenerateChunk]]:
         sub = rid if len(prompts) == 1 else f"{rid}-p{j}"
@@ -150,8 +196,8 @@ async def start_sequences(
             if not isinstance(g, BaseException):
                 for s in g:
                     await s.aclose()
-        for r in release:
-            r()
+        for slot in slots:
+            slot.free()
         if isinstance(failed, EngineError):
             raise APIError(503, f"engine unavailable: {failed}", code="engine_error")
         raise failed
@@ -159,48 +205,70 @@ async def start_sequences(
     base = 0
     for g in groups:
         for i, s in enumerate(g):
-            free = release[len(streams)]
-            tracked = _tracked(state, s, base + i, state.metrics.timer(arrival, route), free)
+            slot = slots[len(streams)]
+            tracked = _tracked(state, s, base + i, state.metrics.timer(arrival, route), slot)
             # a stream closed or dropped before it ever ran skips its finally: free it then
-            weakref.finalize(tracked, free)
+            weakref.finalize(tracked, slot.free)
             streams.append(tracked)
         base += len(g)
     return Sequences(rid, streams, params[0].n, arrival)
 
 
-def _admit(state: ServerState, count: int) -> list:
-    """Reserve `count` sequences before anything is awaited, so a burst is counted exactly;
-    beyond the running capacity plus --max-queued-requests, answer 503 (SGLang/vLLM users
-    expect a fast refusal with Retry-After rather than an unbounded queue)."""
-    limit = state.args.max_queued_requests
-    if limit is not None:
-        queued = state.open_sequences + count - state.info.max_running_requests
-        if queued > limit:
-            raise APIError(
-                503,
-                f"server overloaded: {state.open_sequences} sequences in flight, at most "
-                f"{limit} may wait beyond the {state.info.max_running_requests} running; retry later",
-                code="server_overloaded",
-                headers={"Retry-After": "1"},
+def _admit(state: ServerState, prompt_lens: list[int]) -> list[_Slot]:
+    """Reserve one slot per sequence before anything is awaited, so a burst is counted
+    exactly. Beyond the running capacity plus --max-queued-requests sequences, or beyond
+    --max-queued-tokens prompt tokens waiting for their first token, answer 503 at once
+    (SGLang/vLLM users expect a fast refusal with Retry-After rather than an unbounded
+    queue). A prompt longer than the token limit is still admitted when none waits."""
+    args, running = state.args, state.info.max_running_requests
+    if args.max_queued_requests is not None:
+        if state.open_sequences + len(prompt_lens) - running > args.max_queued_requests:
+            raise _overloaded(
+                f"{state.open_sequences} sequences in flight, at most "
+                f"{args.max_queued_requests} may wait beyond the {running} running"
             )
-    state.open_sequences += count
+    limit = args.max_queued_tokens
+    if limit is not None and state.queued_tokens and state.queued_tokens + sum(prompt_lens) > limit:
+        raise _overloaded(
+            f"{state.queued_tokens} prompt tokens wait for prefill, at most {limit} may"
+        )
+    return [_Slot(state, n) for n in prompt_lens]
 
-    def once():
-        done = False
 
-        def free() -> None:
-            nonlocal done
-            if not done:
-                done = True
-                state.open_sequences -= 1
+def _overloaded(why: str) -> APIError:
+    return APIError(
+        503,
+        f"server overloaded: {why}; retry later",
+        code="server_overloaded",
+        headers={"Retry-After": "1"},
+    )
 
-        return free
 
-    return [once() for _ in range(count)]
+class _Slot:
+    """One admitted sequence in the admission counters. Its prompt tokens count as queued
+    until its first output (it has been prefilled then); the sequence counts until it ends.
+    Each is given back exactly once, however the sequence ends."""
+
+    def __init__(self, state: ServerState, prompt_tokens: int) -> None:
+        self.state: ServerState | None = state
+        self.queued = prompt_tokens
+        state.open_sequences += 1
+        state.queued_tokens += prompt_tokens
+
+    def started(self) -> None:
+        if self.state is not None and self.queued:
+            self.state.queued_tokens -= self.queued
+            self.queued = 0
+
+    def free(self) -> None:
+        self.started()
+        if self.state is not None:
+            self.state.open_sequences -= 1
+            self.state = None
 
 
 async def _tracked(
-    state: ServerState, stream, index: int, timer, free=lambda: None
+    state: ServerState, stream, index: int, timer, slot: _Slot
 ) -> AsyncIterator[GenerateChunk]:
     rid = None
     try:
@@ -208,6 +276,7 @@ async def _tracked(
             if rid is None:
                 rid = chunk.rid
                 state.active_rids.add(rid)
+                slot.started()
             chunk.index = index
             status = (chunk.finish_reason or {}).get("status_code")
             if status:  # the engine refused the request itself (e.g. a grammar that won't compile)
@@ -217,7 +286,7 @@ async def _tracked(
     finally:
         if rid is not None:
             state.active_rids.discard(rid)
-        free()
+        slot.free()
         await stream.aclose()
 
 

@@ -18,7 +18,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import zmq
 import zmq.asyncio
@@ -43,6 +43,8 @@ from radixserve.engine.sampling_params import SamplingParams
 from radixserve.engine.tp_worker import local_ranks, start_rank_processes
 
 logger = logging.getLogger(__name__)
+
+TIMED_OUT = {"type": "abort", "message": "request timed out"}
 
 
 class EngineError(RuntimeError):
@@ -110,6 +112,9 @@ class EngineClient:
         from_engine = f"ipc://{os.path.join(self._dir, 'out')}"
         self._ctx = zmq.asyncio.Context()
         self._send = self._ctx.socket(zmq.PUSH)
+        # no high-water mark: a burst of aborts (thousands of sequences whose clients left)
+        # queues instead of failing with EAGAIN and leaving those sequences running
+        self._send.setsockopt(zmq.SNDHWM, 0)
         self._send.bind(to_engine)
         self._recv = self._ctx.socket(zmq.PULL)
         self._recv.bind(from_engine)
@@ -288,8 +293,11 @@ class EngineClient:
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
         index: int = 0,
+        deadline: float | None = None,
     ) -> AsyncIterator[GenerateChunk]:
-        """Chunks of one sequence. Leaving the iterator early aborts it in the engine."""
+        """Chunks of one sequence. Leaving the iterator early aborts it in the engine, and so
+        does its `deadline` (time.monotonic()): the sequence then ends here at once with
+        finish_reason abort, without waiting for an engine that may be busy or stalled."""
         self.check_alive()
         rid = rid or uuid.uuid4().hex
         if rid in self._queues:
@@ -303,6 +311,8 @@ class EngineClient:
         emitted = 0
         ids: list[int] = []
         finished = False
+        engine_done = False
+        last = ReqOutput(rid, [], len(input_ids), 0, 0)
         try:
             await self._send.send_pyobj(
                 TokenizedGenerateReq(
@@ -310,10 +320,21 @@ class EngineClient:
                 )
             )
             while not finished:
-                out = await q.get()
+                out = await _get_before(q, deadline)
                 if isinstance(out, Exception):
                     raise out
+                if out is None:  # past the deadline: the engine is told in `finally`
+                    out = replace(
+                        last,
+                        new_token_ids=[],
+                        logprobs=None,
+                        queue_time=None,
+                        finish_reason=dict(TIMED_OUT),
+                    )
+                else:
+                    engine_done = out.finish_reason is not None
                 out: ReqOutput
+                last = out
                 finished = out.finish_reason is not None
                 ids.extend(out.new_token_ids)
                 detok.add(out.new_token_ids)
@@ -347,15 +368,20 @@ class EngineClient:
                 emitted = visible
         finally:
             self._queues.pop(rid, None)
-            if not finished and self.dead is None and self._proc is not None:
+            if not engine_done and self.dead is None and self._proc is not None:
                 self.abort(rid)
 
     def abort(self, rid: str) -> None:
         """Fire-and-forget: the engine frees the request's slots on its next loop."""
+
+        def check(sent: asyncio.Future) -> None:
+            if not sent.cancelled() and sent.exception() is not None:
+                logger.warning("could not send abort for %s: %s", rid, sent.exception())
+
         try:
-            self._send.send_pyobj(AbortReq(rid), flags=zmq.NOBLOCK)
-        except zmq.ZMQError:
-            logger.warning("could not send abort for %s", rid)
+            self._send.send_pyobj(AbortReq(rid), flags=zmq.NOBLOCK).add_done_callback(check)
+        except zmq.ZMQError as e:
+            logger.warning("could not send abort for %s: %s", rid, e)
 
     async def generate_n(
         self, input_ids: list[int], params: SamplingParams, n: int, **kw
@@ -399,6 +425,21 @@ class EngineClient:
         return await fut
 
 
+async def _get_before(q: asyncio.Queue, deadline: float | None):
+    """The queue's next item, or None once `deadline` has passed (even with items waiting:
+    a slow reader must not keep a timed-out sequence alive)."""
+    if deadline is None:
+        return await q.get()
+    left = deadline - time.monotonic()
+    if left <= 0:
+        return None
+    try:
+        async with asyncio.timeout(left):
+            return await q.get()
+    except TimeoutError:
+        return None
+
+
 def _free_port() -> int:
     """A port on 127.0.0.1 that was free a moment ago, for the single-node rank rendezvous."""
     with socket.socket() as s:
@@ -407,8 +448,6 @@ def _free_port() -> int:
 
 
 def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
-    from dataclasses import replace
-
     return replace(params, seed=seed)
 
 

@@ -6,7 +6,9 @@ import math
 from dataclasses import dataclass, field, fields
 
 _MAX_STOP_STRINGS = 16
+_MAX_STOP_LENGTH = 1024  # the engine re-decodes this much of the output tail every step
 _MAX_TOP_LOGPROBS = 20
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 @dataclass
@@ -72,6 +74,8 @@ class SamplingParams:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 bad(name, f"must be an integer, got {v!r}")
+            if not _INT64_MIN <= v <= _INT64_MAX:  # else the engine's tensors overflow
+                bad(name, f"{v} is out of range")
         if self.max_new_tokens < 0:
             bad("max_new_tokens", "must be >= 0")
         if self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
@@ -102,11 +106,16 @@ class SamplingParams:
             bad("stop", "must be a non-empty string or a list of non-empty strings")
         if len(self.stop) > _MAX_STOP_STRINGS:
             bad("stop", f"at most {_MAX_STOP_STRINGS} stop strings")
+        if any(len(s) > _MAX_STOP_LENGTH for s in self.stop):
+            bad("stop", f"each stop string has at most {_MAX_STOP_LENGTH} characters")
         if not isinstance(self.stop_token_ids, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= _INT64_MAX
+            for t in self.stop_token_ids
         ):
             bad("stop_token_ids", "must be a list of non-negative token ids")
         for tok, bias in self.logit_bias.items():
+            if not 0 <= tok <= _INT64_MAX:
+                bad("logit_bias", f"token id {tok} is out of range")
             if not math.isfinite(bias) or not -100 <= bias <= 100:
                 bad("logit_bias", f"bias for token {tok} must be in [-100, 100]")
         given = [k for k in ("json_schema", "regex", "ebnf") if getattr(self, k) is not None]
