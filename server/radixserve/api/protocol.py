@@ -1,8 +1,8 @@
 """Request and response bodies: OpenAI's shapes, plus SGLang's native /generate.
 
 Requests forbid unknown fields, so a misspelt parameter is a 400 naming it instead of being
-silently ignored. Types are strict: "yes" is not a boolean, "5" and 5.5 are not
-integers. Numbers must be finite. Ranges that the engine checks anyway
+silently ignored. Types follow pydantic's lax mode, as in vLLM and SGLang (5.0 is an integer,
+"true" a boolean; 5.5 and "hot" are 400s). Numbers must be finite. Ranges that the engine checks anyway
 (SamplingParams.verify) are not repeated here.
 """
 
@@ -19,7 +19,7 @@ MAX_MESSAGES = 4096
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid")
 
 
 def _id(prefix: str) -> str:
@@ -83,7 +83,7 @@ class ErrorResponse(BaseModel):
 class ContentPart(BaseModel):
     """A part of a message's content; only text parts reach the model."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="allow")
     type: str
     text: str | None = None
 
