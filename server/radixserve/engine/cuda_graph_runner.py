@@ -8,7 +8,8 @@ Graphs need fixed shapes and fixed addresses, so:
   b - n padding rows compute token 0 at position 0 into the scratch slot 0, which no
   request ever reads;
 - attention reads its page table from buffers the backend keeps in place (FlashInfer's
-  CUDA-graph mode); the backend re-plans them on the host before each replay;
+  CUDA-graph mode); the backend re-plans them on the host before each replay, never
+  during a capture (FlashInfer's plan cannot be captured);
 - the logits come back in the graph's own output tensor, valid until the next replay
   (the scheduler samples from them before it runs another step).
 Prefill and mixed steps, and decode batches above the bound, run eagerly. Under tensor
@@ -109,11 +110,14 @@ class CudaGraphRunner:
             (self.out_cache_loc, batch.out_cache_loc),
         ):
             buf[:n].copy_(src, non_blocking=True)
+            # rows left from a larger batch hold live requests' slots: padding writes slot 0
             buf[n:bs].zero_()
         pad = bs - n
         graph_batch = self._batch(
             bs, batch.prefix_lens + [0] * pad, batch.req_slots + [self.scratch] * pad
         )
-        self.backend.init_forward(graph_batch)  # host-side plan into the graph's buffers
+        # host-side plan into the graph's buffers: safe because sampling the previous step
+        # waited for its GPU work (overlapping CPU and GPU would have to wait here instead)
+        self.backend.init_forward(graph_batch)
         self.graphs[bs].replay()
         return self.logits[bs][:n]
