@@ -25,7 +25,7 @@ import zmq.asyncio
 
 from radixserve.config import ServerArgs
 from radixserve.engine.detokenizer import IncrementalDetokenizer
-from radixserve.engine.engine_process import HEARTBEAT_S, engine_main
+from radixserve.engine.engine_process import HEARTBEAT_S, engine_main, prepare_engine_env
 from radixserve.engine.io_struct import (
     AbortReq,
     BatchOutput,
@@ -118,6 +118,7 @@ class EngineClient:
         self._send.bind(to_engine)
         self._recv = self._ctx.socket(zmq.PULL)
         self._recv.bind(from_engine)
+        prepare_engine_env()
         self._proc = mp.get_context("spawn").Process(
             target=engine_main,
             args=(self.args, to_engine, from_engine),

@@ -18,8 +18,15 @@ import torch
 from radixserve.config import ServerArgs
 from radixserve.layers import parallel
 from radixserve.layers.attention import ForwardBatch, KVPool, create_attention_backend
+from radixserve.layers.linear import LinearBase, VocabParallelEmbedding
 from radixserve.models.llama import LlamaForCausalLM
-from radixserve.models.loader import iter_weights, load_config, resolve_model
+from radixserve.models.loader import (
+    ModelSource,
+    gguf_linear_type,
+    iter_weights,
+    load_config,
+    resolve_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +54,21 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
+_INT4_GGUF_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+
+
+def resolve_quantization(choice: str, source: ModelSource, device: str, dtype: torch.dtype) -> str:
+    """`auto` keeps a 4-bit GGUF's weights 4-bit for small decode batches, as llama.cpp
+    does, where that loses nothing: on the CPU, in bfloat16 (float32 is the exact mode)."""
+    if choice == "int4" and not device.startswith("cpu"):
+        raise ValueError("--quantization int4 runs on the CPU only (its kernels are CPU kernels)")
+    if choice != "auto":
+        return choice
+    if device != "cpu" or dtype != torch.bfloat16 or not source.gguf_file:
+        return "none"
+    return "int4" if gguf_linear_type(source).startswith(_INT4_GGUF_TYPES) else "none"
 
 
 class ModelRunner:
@@ -88,6 +110,11 @@ class ModelRunner:
             torch.set_default_dtype(default_dtype)
         model.load_weights(iter_weights(self.source, cfg))
         self.model = model.eval()
+        self.quantization = resolve_quantization(
+            args.quantization, self.source, self.device, self.dtype
+        )
+        if self.quantization == "int4":
+            self._quantize_int4()
         self.vocab_size = cfg.vocab_size
         # every rank must hold the same slots: the smallest budget of all ranks wins
         self.max_total_tokens = parallel.all_reduce_min_cpu(self._kv_budget())
@@ -101,15 +128,24 @@ class ModelRunner:
         )
         self.cuda_graphs = self._init_cuda_graphs()
         logger.info(
-            "model %s loaded on rank %d/%d: %s on %s, %s attention, KV cache %d tokens",
+            "model %s loaded on rank %d/%d: %s%s on %s, %s attention, KV cache %d tokens",
             self.source.path,
             rank,
             self.tp_size,
             self.dtype,
+            " + int4 for small batches" if self.quantization == "int4" else "",
             self.device,
             self.backend_name,
             self.max_total_tokens,
         )
+
+    def _quantize_int4(self) -> None:
+        linears = [m for m in self.model.modules() if isinstance(m, LinearBase)]
+        packed = sum(m.quantize_int4() for m in linears)
+        heads = [m for m in self.model.modules() if isinstance(m, VocabParallelEmbedding)]
+        head = self.model.lm_head if hasattr(self.model, "lm_head") else heads[0]
+        head.quantize_int8()
+        logger.info("int4 weights for %d of %d linear layers, int8 LM head", packed, len(linears))
 
     def _rank_device(self, device: str) -> str:
         """One GPU per rank on each node: local rank r uses cuda:r."""

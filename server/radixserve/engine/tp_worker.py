@@ -18,6 +18,7 @@ import time
 import torch
 
 from radixserve.config import ServerArgs
+from radixserve.engine.engine_process import prepare_engine_env
 
 logger = logging.getLogger("radixserve.engine")
 
@@ -34,7 +35,8 @@ def tp_worker_main(args: ServerArgs, rank: int) -> None:
         level=args.log_level.upper(),
         format=f"%(asctime)s rank{rank} %(levelname)s %(message)s",
     )
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // (args.tp_size // args.nnodes)))
+    local_ranks = args.tp_size // args.nnodes
+    torch.set_num_threads(max(1, args.cpu_threads or len(os.sched_getaffinity(0)) // local_ranks))
     from radixserve.engine.model_runner import ModelRunner
 
     try:
@@ -47,6 +49,7 @@ def tp_worker_main(args: ServerArgs, rank: int) -> None:
 
 
 def start_rank_processes(args: ServerArgs, ranks: range) -> list[mp.process.BaseProcess]:
+    prepare_engine_env()
     ctx = mp.get_context("spawn")
     procs = [
         ctx.Process(target=tp_worker_main, args=(args, r), daemon=True, name=f"radixserve-rank{r}")

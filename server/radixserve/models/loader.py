@@ -124,3 +124,15 @@ def _gguf_weights(src: ModelSource, config) -> Iterator[tuple[str, torch.Tensor]
     except Exception as e:
         raise ModelLoadError(f"{src.path}: cannot read GGUF tensors: {e}") from e
     yield from result["tensors"].items()
+
+
+def gguf_linear_type(src: ModelSource) -> str:
+    """The GGUF quantisation type of the first block's FFN down projection (e.g. "Q4_1"):
+    what the file's linear layers are stored as, read from the header without loading."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(os.path.join(src.folder, src.gguf_file))
+    for tensor in reader.tensors:
+        if tensor.name == "blk.0.ffn_down.weight":
+            return tensor.tensor_type.name
+    return ""
