@@ -562,6 +562,8 @@ def test_auto_picks_flashinfer_and_bfloat16_on_gpu(tiny_gpu_model):
     )
     assert runner.backend_name == "flashinfer"
     assert runner.dtype == torch.bfloat16
+    del runner
+    free_gpu_memory()
 
 
 @gpu
