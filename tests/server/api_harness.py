@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 # float32: in bfloat16 a prompt served from the prefix cache can take a different greedy
 # path than the same prompt computed afresh, and these tests compare such outputs exactly.
@@ -90,3 +91,25 @@ def error_of(response: httpx.Response) -> dict:
     assert set(err) == {"message", "type", "param", "code"}, err
     assert isinstance(err["message"], str) and err["message"]
     return err
+
+
+def metrics(server: Server) -> dict[tuple[str, tuple], float]:
+    """Every sample of /metrics, keyed by (name, sorted labels)."""
+    text = httpx.get(server.url + "/metrics").text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def wait_idle(server: Server, timeout: float = 60) -> dict:
+    """Poll /server_info until the engine runs and holds nothing; its stats then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = httpx.get(server.url + "/server_info").json()["stats"]
+        idle = stats["num_running"] == 0 and stats["num_waiting"] == 0
+        if idle and stats["kv_used_tokens"] == 0:
+            return stats
+        assert time.monotonic() < deadline, f"engine never went idle: {stats}"
+        time.sleep(0.2)

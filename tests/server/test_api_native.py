@@ -3,37 +3,13 @@
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import pytest
-from api_harness import Server, error_of
-from prometheus_client.parser import text_string_to_metric_families
+from api_harness import error_of, metrics, wait_idle
 
 pytestmark = pytest.mark.slow
 GREEDY = {"temperature": 0, "max_new_tokens": 8}
-
-
-def metrics(server: Server) -> dict[tuple[str, tuple], float]:
-    """Every sample of /metrics, keyed by (name, sorted labels)."""
-    text = httpx.get(server.url + "/metrics").text
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def wait_idle(server: Server, timeout: float = 60) -> dict:
-    """Poll /server_info until the engine runs and holds nothing; its stats then."""
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = httpx.get(server.url + "/server_info").json()["stats"]
-        idle = stats["num_running"] == 0 and stats["num_waiting"] == 0
-        if idle and stats["kv_used_tokens"] == 0:
-            return stats
-        assert time.monotonic() < deadline, f"engine never went idle: {stats}"
-        time.sleep(0.2)
 
 
 def test_generate_text_and_ids(api_server):

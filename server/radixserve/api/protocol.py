@@ -22,6 +22,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _examples(*examples: dict) -> ConfigDict:
+    """Request examples for /docs and /openapi.json (the fuzz test starts from them too)."""
+    return ConfigDict(json_schema_extra={"examples": list(examples)})
+
+
 def _id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -98,6 +103,13 @@ class ChatMessage(_Strict):
 
 
 class ChatCompletionRequest(SamplingExtras):
+    model_config = _examples(
+        {
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "temperature": 0,
+            "max_tokens": 16,
+        }
+    )
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     model: str | None = None
     frequency_penalty: FiniteFloat | None = None
@@ -189,6 +201,7 @@ class ChatCompletionChunk(BaseModel):
 
 # ---- completions ------------------------------------------------------------------------------
 class CompletionRequest(SamplingExtras):
+    model_config = _examples({"prompt": "The capital of France is", "max_tokens": 8})
     prompt: str | list[str] | list[int] | list[list[int]]
     model: str | None = None
     best_of: int | None = Field(None, ge=1)
@@ -284,6 +297,12 @@ class ModelList(BaseModel):
 
 # ---- native (SGLang) --------------------------------------------------------------------------
 class GenerateRequest(_Strict):
+    model_config = _examples(
+        {
+            "text": "The capital of France is",
+            "sampling_params": {"temperature": 0, "max_new_tokens": 8},
+        }
+    )
     text: str | list[str] | None = None
     input_ids: list[int] | list[list[int]] | None = None
     sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None

@@ -76,6 +76,9 @@ class SamplingParams:
                 bad(name, f"must be an integer, got {v!r}")
             if not _INT64_MIN <= v <= _INT64_MAX:  # else the engine's tensors overflow
                 bad(name, f"{v} is out of range")
+        for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, f"must be true or false, got {getattr(self, name)!r}")
         if self.max_new_tokens < 0:
             bad("max_new_tokens", "must be >= 0")
         if self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
