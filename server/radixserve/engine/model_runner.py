@@ -125,6 +125,7 @@ class ModelRunner:
             self.max_total_tokens,
             self.dtype,
             self.device,
+            head_major=self.backend.kv_head_major,
         )
         self.cuda_graphs = self._init_cuda_graphs()
         logger.info(

@@ -17,7 +17,9 @@ class KVPool:
     """One preallocated K and V tensor per layer, indexed by slot; slot 0 is never handed out.
 
     Slot 0 is a scratch slot: padded positions in gathered tables point at it, so the
-    backends never need bounds checks.
+    backends never need bounds checks. The layout is [slot, head, dim] (what FlashInfer's
+    page tables address), or with `head_major` [head, slot, dim]: a gather of slots then
+    yields one contiguous [tokens, dim] matrix per head, which batched matmuls read as is.
     """
 
     def __init__(
@@ -28,14 +30,18 @@ class KVPool:
         size: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        head_major: bool = False,
     ) -> None:
         self.size = size
+        self.head_major = head_major
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.dtype = dtype
         self.device = torch.device(device)
-        shape = (size + 1, num_kv_heads, head_dim)
+        shape = (
+            (num_kv_heads, size + 1, head_dim) if head_major else (size + 1, num_kv_heads, head_dim)
+        )
         self.k_buffer = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v_buffer = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.clear()
@@ -67,8 +73,25 @@ class KVPool:
             self.free_slots = torch.cat([self.free_slots, slots.to(torch.int64).cpu()])
 
     def set_kv(self, layer: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k_buffer[layer][loc] = k
-        self.v_buffer[layer][loc] = v
+        if self.head_major:
+            self.k_buffer[layer][:, loc] = k.transpose(0, 1)
+            self.v_buffer[layer][:, loc] = v.transpose(0, 1)
+        else:
+            self.k_buffer[layer][loc] = k
+            self.v_buffer[layer][loc] = v
+
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of `slots` (any shape S) as [heads, *S, dim] (contiguous if head_major)."""
+        flat = slots.reshape(-1)
+        k, v = self.k_buffer[layer], self.v_buffer[layer]
+        if self.head_major:
+            shape = (self.num_kv_heads, *slots.shape, self.head_dim)
+            return k.index_select(1, flat).view(shape), v.index_select(1, flat).view(shape)
+        # index_select on rows is a plain row copy; advanced indexing is several times slower
+        rows = (*slots.shape, self.num_kv_heads, self.head_dim)
+        kr = k.view(k.shape[0], -1).index_select(0, flat).view(rows)
+        vr = v.view(v.shape[0], -1).index_select(0, flat).view(rows)
+        return kr.movedim(-2, 0), vr.movedim(-2, 0)
 
 
 @dataclass
@@ -97,6 +120,8 @@ class ForwardBatch:
 
 class AttentionBackend:
     """Interface: prepare once per step, then attend once per layer."""
+
+    kv_head_major = False  # the KVPool layout this backend reads best
 
     def init_forward(self, batch: ForwardBatch) -> None:
         raise NotImplementedError

@@ -1,8 +1,8 @@
 """Attention with torch's scaled_dot_product_attention, on any device.
 
 Each step gathers the requests' slots into a padded table once; every layer then does one
-gather of K/V and one SDPA call for the prefill group and one for the decode group, so the
-per-layer cost does not grow with the number of requests in Python.
+gather of K/V and one SDPA call for the prefill group and two batched matmuls for the decode
+group, so the per-layer cost does not grow with the number of requests in Python.
 """
 
 from __future__ import annotations
@@ -33,7 +33,29 @@ def _sdpa(q, k, v, **kw) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
 
 
+def _decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """One query per request. q [B, H, D]; k, v [Hkv, B, L, D]; pad [B, L] True where padded.
+
+    Two batched matmuls over (KV head, request) with the query heads of a group as rows:
+    the head-major gather is already in their layout, so nothing is copied again, unlike
+    SDPA's query-blocked kernel, which pays for the padding and a float32 copy of K and V.
+    Scores and softmax are float32; the score matmul itself runs in the model's dtype.
+    """
+    hk, b, length, d = k.shape
+    g = q.shape[1] // hk
+    qh = q.view(b, hk, g, d).transpose(0, 1).reshape(hk * b, g, d)
+    scores = torch.bmm(qh, k.reshape(hk * b, length, d).transpose(1, 2)).float().mul_(scale)
+    scores = scores.view(hk, b, g, length).masked_fill_(pad[None, :, None, :], float("-inf"))
+    p = scores.softmax(-1).to(v.dtype).view(hk * b, g, length)
+    o = torch.bmm(p, v.reshape(hk * b, length, d))
+    return o.view(hk, b, g, d).transpose(0, 1).reshape(b, hk * g, d)
+
+
 class TorchAttentionBackend(AttentionBackend):
+    kv_head_major = True
+
     def init_forward(self, batch: ForwardBatch) -> None:
         device = batch.input_ids.device
         md: dict = {}
@@ -63,16 +85,16 @@ class TorchAttentionBackend(AttentionBackend):
         nd = batch.batch_size - np_
         if nd:
             table, kv_lens = _slot_table(batch.req_slots[np_:], device)
-            mask = torch.arange(table.shape[1])[None, :] < kv_lens[:, None]
             md["decode_table"] = table
-            md["decode_mask"] = mask[:, None, None, :].to(device)
+            md["decode_pad"] = (torch.arange(table.shape[1])[None, :] >= kv_lens[:, None]).to(
+                device
+            )
         batch.metadata["torch"] = md
 
     def forward(self, q, k, v, layer_id, batch, scale):
         pool = batch.kv_pool
         pool.set_kv(layer_id, batch.out_cache_loc, k, v)
         md = batch.metadata["torch"]
-        kb, vb = pool.k_buffer[layer_id], pool.v_buffer[layer_id]
         npt = batch.num_prefill_tokens
         outs = []
         if batch.num_prefill_reqs:
@@ -86,18 +108,18 @@ class TorchAttentionBackend(AttentionBackend):
                 )
                 outs.append(o[0].transpose(0, 1))
             else:
-                table = md["prefill_table"]
+                kp, vp = pool.gather(layer_id, md["prefill_table"])  # [Hkv, B, L, D]
                 qp = q[md["prefill_q_index"]].transpose(1, 2)  # [B, H, Q, D]
-                kp = kb[table].transpose(1, 2)
-                vp = vb[table].transpose(1, 2)
-                o = _sdpa(qp, kp, vp, attn_mask=md["prefill_mask"], scale=scale)
+                o = _sdpa(
+                    qp,
+                    kp.transpose(0, 1),
+                    vp.transpose(0, 1),
+                    attn_mask=md["prefill_mask"],
+                    scale=scale,
+                )
                 o = o.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2])
                 outs.append(o[md["prefill_q_valid"]])
         if batch.batch_size > batch.num_prefill_reqs:
-            table = md["decode_table"]
-            qd = q[npt:, :, None, :]  # [B, H, 1, D]
-            kd = kb[table].transpose(1, 2)
-            vd = vb[table].transpose(1, 2)
-            o = _sdpa(qd, kd, vd, attn_mask=md["decode_mask"], scale=scale)
-            outs.append(o[:, :, 0, :])
+            kd, vd = pool.gather(layer_id, md["decode_table"])
+            outs.append(_decode_attention(q[npt:], kd, vd, md["decode_pad"], scale))
         return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
