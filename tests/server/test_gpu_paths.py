@@ -313,7 +313,7 @@ def fake_flashinfer(monkeypatch) -> FakeFlashInfer:
     monkeypatch.setattr(
         model_runner,
         "create_attention_backend",
-        lambda name, device, heads: (
+        lambda name, device, heads, dtype: (
             flashinfer_backend.FlashInferAttentionBackend(device, heads)
             if name == "flashinfer"
             else TorchAttentionBackend()
@@ -452,14 +452,19 @@ def test_auto_attention_backend_is_flashinfer_on_cuda_when_it_imports(monkeypatc
         "FlashInferAttentionBackend",
         lambda device, heads: made.append((device, heads)) or "flashinfer backend",
     )
-    assert create_attention_backend("auto", "cuda:1", 8) == "flashinfer backend"
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert create_attention_backend("auto", "cuda:1", 8, bf16) == "flashinfer backend"
     assert made == [("cuda:1", 8)]
-    assert isinstance(create_attention_backend("auto", "cpu", 8), TorchAttentionBackend)
-    assert isinstance(create_attention_backend("torch", "cuda", 8), TorchAttentionBackend)
+    assert isinstance(create_attention_backend("auto", "cpu", 8, bf16), TorchAttentionBackend)
+    assert isinstance(create_attention_backend("torch", "cuda", 8, bf16), TorchAttentionBackend)
+    # FlashInfer has no float32 kernels: auto takes torch, an explicit choice is refused
+    assert isinstance(create_attention_backend("auto", "cuda", 8, fp32), TorchAttentionBackend)
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        create_attention_backend("flashinfer", "cuda", 8, fp32)
     monkeypatch.setitem(sys.modules, "flashinfer", None)  # not installed: import fails
-    assert isinstance(create_attention_backend("auto", "cuda", 8), TorchAttentionBackend)
+    assert isinstance(create_attention_backend("auto", "cuda", 8, bf16), TorchAttentionBackend)
     with pytest.raises(ValueError, match="needs a CUDA device"):
-        create_attention_backend("flashinfer", "cpu", 8)
+        create_attention_backend("flashinfer", "cpu", 8, bf16)
 
 
 def test_auto_dtype_is_bfloat16_on_cuda(monkeypatch):

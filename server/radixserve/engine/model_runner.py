@@ -97,7 +97,9 @@ class ModelRunner:
         self.num_heads = len(heads)  # this rank's share
         self.num_kv_heads = len(kv_heads)
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.backend = create_attention_backend(args.attention_backend, self.device, self.num_heads)
+        self.backend = create_attention_backend(
+            args.attention_backend, self.device, self.num_heads, self.dtype
+        )
         self.backend_name = type(self.backend).__name__.removesuffix("AttentionBackend").lower()
 
         max_pos = max(self.context_length, int(getattr(cfg, "max_position_embeddings", 0)))

@@ -31,35 +31,57 @@ class SamplingRow:
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Logit bias, frequency/presence/repetition penalties and min_new_tokens, in place."""
+    """Logit bias, frequency/presence/repetition penalties and min_new_tokens, in place.
+
+    Each kind reaches the device as one tensor for the whole batch: on CUDA a tensor built
+    from Python lists is a blocking copy, so one per request would stall once per request.
+    """
     vocab, device = logits.shape[-1], logits.device
-    for i, r in enumerate(rows):
-        p = r.params
-        if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias), dtype=torch.int64, device=device)
-            logits[i, ids] += torch.tensor(
-                list(p.logit_bias.values()), dtype=logits.dtype, device=device
+    bias = [(i, t, b) for i, r in enumerate(rows) for t, b in r.params.logit_bias.items()]
+    if bias:
+        at = torch.tensor([(i, t) for i, t, _ in bias], dtype=torch.int64).to(device)
+        values = torch.tensor([b for _, _, b in bias], dtype=logits.dtype).to(device)
+        logits.index_put_((at[:, 0], at[:, 1]), values, accumulate=True)
+    pen = [i for i, r in enumerate(rows) if r.params.has_penalties]
+    if pen:
+        ps = [rows[i].params for i in pen]
+        knobs = torch.tensor(
+            [(p.frequency_penalty, p.presence_penalty, p.repetition_penalty) for p in ps],
+            dtype=logits.dtype,
+        ).to(device)
+        at = torch.tensor(pen, dtype=torch.int64).to(device)
+        sub = logits[at]
+        counts = _token_table([rows[i].output_ids for i in pen], vocab, device)
+        sub -= knobs[:, :1] * counts + knobs[:, 1:2] * (counts > 0).to(sub.dtype)
+        if any(p.repetition_penalty != 1.0 for p in ps):
+            seen = (
+                _token_table([rows[i].prompt_ids + rows[i].output_ids for i in pen], vocab, device)
+                > 0
             )
-        if p.has_penalties:
-            out = torch.tensor(r.output_ids, dtype=torch.int64, device=device)
-            counts = torch.bincount(out, minlength=vocab)[:vocab].to(logits.dtype)
-            if p.frequency_penalty:
-                logits[i] -= p.frequency_penalty * counts
-            if p.presence_penalty:
-                logits[i] -= p.presence_penalty * (counts > 0).to(logits.dtype)
-            if p.repetition_penalty != 1.0:
-                seen = torch.zeros(vocab, dtype=torch.bool, device=device)
-                seen[
-                    torch.tensor(r.prompt_ids + r.output_ids, dtype=torch.int64, device=device)
-                ] = True
-                row = logits[i]
-                penalised = torch.where(
-                    row > 0, row / p.repetition_penalty, row * p.repetition_penalty
-                )
-                logits[i] = torch.where(seen.to(row.device), penalised, row)
-        if len(r.output_ids) < p.min_new_tokens and r.stop_ids:
-            logits[i, torch.tensor(r.stop_ids, dtype=torch.int64, device=device)] = float("-inf")
+            rep = knobs[:, 2:3]
+            sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+        logits[at] = sub
+    banned = [
+        (i, t)
+        for i, r in enumerate(rows)
+        if len(r.output_ids) < r.params.min_new_tokens
+        for t in r.stop_ids
+    ]
+    if banned:
+        at = torch.tensor(banned, dtype=torch.int64).to(device)
+        logits[at[:, 0], at[:, 1]] = float("-inf")
     return logits
+
+
+def _token_table(ids: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[len(ids), vocab] float counts of each row's token ids, from one padded copy."""
+    width = max((len(x) for x in ids), default=0)
+    padded = torch.full((len(ids), max(width, 1)), vocab, dtype=torch.int64)
+    for row, x in enumerate(ids):
+        padded[row, : len(x)] = torch.tensor(x, dtype=torch.int64)
+    counts = torch.zeros(len(ids), vocab + 1, device=device)
+    counts.scatter_add_(1, padded.to(device), torch.ones(padded.shape, device=device))
+    return counts[:, :vocab]
 
 
 @torch.inference_mode()
@@ -89,13 +111,12 @@ def sample(
     if any(r.params.top_k > 0 or r.params.top_p < 1 or r.params.min_p > 0 for r in rows):
         probs = _filter(probs, rows)
     noise = torch.empty_like(probs).exponential_(generator=shared)
-    for i, r in enumerate(rows):
-        if r.generator is not None:
-            noise[i] = (
-                torch.empty(probs.shape[1], device="cpu")
-                .exponential_(generator=r.generator)
-                .to(device)
-            )
+    seeded = [i for i, r in enumerate(rows) if r.generator is not None]
+    if seeded:  # each from its own CPU generator, then one copy for all of them
+        own = torch.empty(len(seeded), probs.shape[1])
+        for j, i in enumerate(seeded):
+            own[j].exponential_(generator=rows[i].generator)
+        noise[torch.tensor(seeded).to(device)] = own.to(device)
     sampled = (probs / noise).argmax(-1)
     if any(greedy):
         g = torch.tensor(greedy, device=device)
@@ -105,11 +126,21 @@ def sample(
 
 def _filter(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     device = probs.device
-    top_k = torch.tensor(
-        [r.params.top_k if r.params.top_k > 0 else probs.shape[1] for r in rows], device=device
+    top_k, top_p, min_p = (
+        torch.tensor(
+            [
+                (
+                    r.params.top_k if r.params.top_k > 0 else probs.shape[1],
+                    r.params.top_p,
+                    r.params.min_p,
+                )
+                for r in rows
+            ],
+            dtype=torch.float32,  # top_k stays exact below 2**24
+        )
+        .to(device)
+        .unbind(1)
     )
-    top_p = torch.tensor([r.params.top_p for r in rows], device=device)
-    min_p = torch.tensor([r.params.min_p for r in rows], device=device)
     sorted_p, order = probs.sort(dim=-1, descending=True)
     rank = torch.arange(probs.shape[1], device=device)[None, :]
     drop = rank >= top_k[:, None]
@@ -132,10 +163,10 @@ def _pick(info, chosen: torch.Tensor):
         return None
     lp, top = info
     chosen_lp = lp.gather(1, chosen[:, None])[:, 0].tolist()
+    # whole tensors to the host at once, not a row at a time
+    ids, values = (top.indices.tolist(), top.values.tolist()) if top is not None else ([], [])
     out = []
     for i, c in enumerate(chosen_lp):
-        alts = []
-        if top is not None:
-            alts = list(zip(top.indices[i].tolist(), top.values[i].tolist(), strict=True))
+        alts = list(zip(ids[i], values[i], strict=True)) if top is not None else []
         out.append((c, alts))
     return out

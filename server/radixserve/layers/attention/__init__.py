@@ -2,6 +2,8 @@
 
 import logging
 
+import torch
+
 from radixserve.layers.attention.base import AttentionBackend, ForwardBatch, KVPool
 
 logger = logging.getLogger(__name__)
@@ -9,11 +11,18 @@ logger = logging.getLogger(__name__)
 __all__ = ["AttentionBackend", "ForwardBatch", "KVPool", "create_attention_backend"]
 
 
-def create_attention_backend(name: str, device: str, num_heads: int) -> AttentionBackend:
-    """Pick a backend by name; `auto` means FlashInfer on CUDA when it is installed."""
+# what FlashInfer's attention kernels take (it has no float32 kernels)
+FLASHINFER_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def create_attention_backend(
+    name: str, device: str, num_heads: int, dtype: torch.dtype
+) -> AttentionBackend:
+    """Pick a backend by name; `auto` means FlashInfer on CUDA when it is installed and the
+    model runs in float16 or bfloat16."""
     if name == "auto":
         name = "torch"
-        if device.startswith("cuda"):
+        if device.startswith("cuda") and dtype in FLASHINFER_DTYPES:
             try:
                 import flashinfer  # noqa: F401
 
@@ -27,6 +36,11 @@ def create_attention_backend(name: str, device: str, num_heads: int) -> Attentio
     if name == "flashinfer":
         if not device.startswith("cuda"):
             raise ValueError("--attention-backend flashinfer needs a CUDA device")
+        if dtype not in FLASHINFER_DTYPES:
+            raise ValueError(
+                f"--attention-backend flashinfer runs float16 or bfloat16, not {dtype}: "
+                "use --attention-backend torch (or auto) for float32"
+            )
         from radixserve.layers.attention.flashinfer_backend import FlashInferAttentionBackend
 
         return FlashInferAttentionBackend(device, num_heads)
