@@ -96,8 +96,9 @@ class _Stream:
 
 async def test_queued_prompt_tokens_beyond_limit_get_503(small_server):
     """Two long generations take both running slots; a 300-token prompt then waits for
-    prefill; a second one would make 600 > 500 waiting prompt tokens: 503. Once the slots
-    free, the waiting one runs and the refused one is admitted."""
+    prefill; a second one would make 600 > 500 waiting prompt tokens: 503. A short request
+    with a timeout is admitted and times out waiting. Once the slots free, the waiting one
+    runs and the refused one is admitted."""
     url = small_server.url
     long_prompt = "hello " * 300
     n_long = len(httpx.post(url + "/tokenize", json={"prompt": long_prompt}).json()["tokens"])
@@ -118,6 +119,12 @@ async def test_queued_prompt_tokens_beyond_limit_get_503(small_server):
         err = refused.json()["error"]
         assert err["code"] == "server_overloaded" and "prompt tokens" in err["message"]
         assert err["type"] == "server_error"
+        # a request that can only wait times out waiting: abort, nothing generated
+        waited = await h.post("/v1/completions", json={"prompt": "Hi", "timeout": 1})
+        assert waited.status_code == 200, waited.text
+        assert waited.json()["choices"][0]["finish_reason"] == "abort"
+        assert waited.json()["usage"]["completion_tokens"] == 0
+        assert metrics(small_server)[("radixserve_open_sequences", ())] == 3
         for b in blockers:
             await b.response.aclose()  # the clients leave: their sequences are aborted
         events = await waiting.rest()

@@ -127,7 +127,7 @@ class Sequences:
 def check_batch(num_prompts: int, n: int, param: str) -> None:
     """400 for a request that would start more sequences than MAX_SEQUENCES."""
     if num_prompts * n > MAX_SEQUENCES:
-        name = param if num_prompts > MAX_SEQUENCES // n else "n"
+        name = param if num_prompts > MAX_SEQUENCES else "n"  # n=1 would not fit either
         raise bad_request(
             f"{name}: {num_prompts} prompt(s) x n={n} is more than the {MAX_SEQUENCES} "
             "sequences one request may start",
