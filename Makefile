@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PORT ?= 30000
 PYTEST_ARGS ?=
+SOAK_MINUTES ?= 10
 
-.PHONY: setup serve test lint bench clean
+.PHONY: setup serve test lint bench soak clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +35,12 @@ lint: setup
 bench: setup
 	$(PIP) install -q -e '.[bench]'
 	$(PY) bench/run_peers.py $(BENCH_ARGS)
+
+# Not part of `make test`: SOAK_MINUTES of mixed load (streams, disconnects, bad requests) against
+# a server it starts; writes bench/results/soak-<time>.{csv,png} and -summary.md.
+soak: setup
+	$(PIP) install -q -e '.[bench]'
+	$(PY) bench/soak.py --minutes $(SOAK_MINUTES) $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
