@@ -34,16 +34,21 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(t, inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
-        self.register_buffer("sin", emb.sin() * scaling, persistent=False)
+        # the sign of rotate-half folded in: rotated * sin == roll(x) * signed_sin
+        half = head_dim // 2
+        signed = torch.cat([-emb[:, :half].sin(), emb[:, half:].sin()], -1) * scaling
+        self.register_buffer("signed_sin", signed, persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: [T, H, D], k: [T, KH, D]; rotate-half convention of Hugging Face Llama."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos and signed sin for a step's positions: looked up once, used by every layer
+        (inside the model's forward, so a captured CUDA graph recomputes them on replay)."""
+        cos = self.cos[positions].unsqueeze(1).to(dtype)
+        return cos, self.signed_sin[positions].unsqueeze(1).to(dtype)
 
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    @staticmethod
+    def apply(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x: [T, heads, D] (query and key heads alike); Hugging Face Llama's rotate-half."""
+        cos, sin = rope
+        # not addcmul: in bfloat16 it rounds differently from the reference's x*cos + r*sin,
+        # enough to change the default model's greedy answers
+        return x * cos + x.roll(x.shape[-1] // 2, -1) * sin

@@ -36,13 +36,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.weight32: torch.Tensor | None = None  # float32 copy, made once after loading
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # computed in float32 as the reference does; the result is in the weights' dtype,
         # so a float32 residual stream feeds bfloat16 matmuls
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(
-            self.weight.dtype
-        )
+        w = self.weight32 if self.weight32 is not None else self.weight.float()
+        return F.rms_norm(x.float(), (x.shape[-1],), w, self.eps).to(self.weight.dtype)
 
 
 class Attention(nn.Module):
@@ -75,13 +75,19 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(batch.positions, q, k)
+            q, k = qkv[:, : self.q_size + self.kv_size].split([self.q_size, self.kv_size], -1)
+            q = self.q_norm(q.reshape(-1, self.num_heads, self.head_dim))
+            k = self.k_norm(k.reshape(-1, self.num_kv_heads, self.head_dim))
+            qk = torch.cat([q, k], 1)
+        else:
+            qk = qkv[:, : self.q_size + self.kv_size].view(
+                -1, self.num_heads + self.num_kv_heads, self.head_dim
+            )
+        # one rotation for the query and key heads together
+        qk = self.rotary.apply(qk, batch.metadata["rope"])
+        q, k = qk.split([self.num_heads, self.num_kv_heads], 1)
         o = self.backend.forward(q, k, v, self.layer_id, batch, self.scale)
         return self.o_proj(o.reshape(-1, self.q_size))
 
@@ -112,8 +118,10 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         # x is the float32 residual stream: adding small updates to large hidden states in
         # bfloat16 loses enough precision to flip greedy tokens between batch shapes
-        x = x + self.self_attn(self.input_layernorm(x), batch).float()
-        return x + self.mlp(self.post_attention_layernorm(x)).float()
+        # in place: the stream is this forward's own tensor (adding a bfloat16 update to a
+        # float32 tensor in place promotes it without a separate conversion)
+        x = x.add_(self.self_attn(self.input_layernorm(x), batch))
+        return x.add_(self.mlp(self.post_attention_layernorm(x)))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -141,6 +149,7 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Hidden states after the final norm, one row per token of the step."""
         x = self.embed_tokens(batch.input_ids).float()
+        batch.metadata["rope"] = self.rotary.lookup(batch.positions, self.embed_tokens.weight.dtype)
         for layer in self.layers:
             x = layer(x, batch)
         return self.norm(x)
@@ -192,6 +201,9 @@ class LlamaForCausalLM(nn.Module):
         missing = sorted(expected - loaded)
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.weight32 = module.weight.detach().float()
 
     def _fused_parts(self, pname: str) -> list[range]:
         """Checkpoint rows of each part of a fused projection that this rank holds."""

@@ -33,6 +33,12 @@ def _sdpa(q, k, v, **kw) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
 
 
+# below this many K elements per layer, bfloat16 batched matmuls cost more in fixed overhead
+# than converting K and V to float32 first (measured: [3, 64] x [64, 60] is 14 us in bf16,
+# 7 us converted; at 96 x [3, 64] x [64, 300] bf16 is 3x faster)
+_FLOAT32_DECODE_ELEMENTS = 1 << 16
+
+
 def _decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor, scale: float
 ) -> torch.Tensor:
@@ -45,12 +51,15 @@ def _decode_attention(
     """
     hk, b, length, d = k.shape
     g = q.shape[1] // hk
+    dtype = q.dtype
+    if dtype != torch.float32 and k.numel() <= _FLOAT32_DECODE_ELEMENTS:
+        q, k, v = q.float(), k.float(), v.float()
     qh = q.view(b, hk, g, d).transpose(0, 1).reshape(hk * b, g, d)
     scores = torch.bmm(qh, k.reshape(hk * b, length, d).transpose(1, 2)).float().mul_(scale)
     scores = scores.view(hk, b, g, length).masked_fill_(pad[None, :, None, :], float("-inf"))
     p = scores.softmax(-1).to(v.dtype).view(hk * b, g, length)
     o = torch.bmm(p, v.reshape(hk * b, length, d))
-    return o.view(hk, b, g, d).transpose(0, 1).reshape(b, hk * g, d)
+    return o.view(hk, b, g, d).transpose(0, 1).reshape(b, hk * g, d).to(dtype)
 
 
 class TorchAttentionBackend(AttentionBackend):
