@@ -27,6 +27,20 @@ class OfflineMetrics:
     input_throughput: float
     output_throughput: float
     total_throughput: float
+    # per-step profile of the timed run (engine process, plus detokenization in the front)
+    steps: int = 0
+    step_ms: float = 0.0
+    schedule_ms: float = 0.0
+    forward_ms: float = 0.0
+    sample_ms: float = 0.0
+    output_ms: float = 0.0
+    detokenize_ms: float = 0.0
+    scheduler_share: float = 0.0  # schedule + output time over the whole step
+    mean_batch_tokens: float = 0.0
+    # model FLOPs utilisation against this CPU's measured bfloat16 matmul peak
+    model_tflops: float = 0.0
+    peak_tflops: float = 0.0
+    mfu: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,18 +71,27 @@ def run_offline(
                 prompt=[r.prompt for r in warmup],
                 sampling_params=[sampling_params(r, ignore_eos) for r in warmup],
             )
+        before = engine.get_server_info()["stats"]
         start = time.perf_counter()
         outputs = engine.generate(
             prompt=[r.prompt for r in requests],
             sampling_params=[sampling_params(r, ignore_eos) for r in requests],
         )
         duration = time.perf_counter() - start
+        after = engine.get_server_info()["stats"]
+        source = engine.info.model_path
+    delta = {k: after[k] - before[k] for k in after if isinstance(after[k], int | float)}
 
     metas = [o["meta_info"] for o in outputs]
     total_in = sum(int(m["prompt_tokens"]) for m in metas)
     total_out = sum(int(m["completion_tokens"]) for m in metas)
     cached = sum(int(m.get("cached_tokens", 0)) for m in metas)
     d = max(duration, 1e-9)
+    steps = max(int(delta.get("forward_steps", 0)), 1)
+    ms = {k: 1e3 * delta.get(f"time_{k}_s", 0.0) / steps for k in PHASES}
+    step_ms = sum(v for k, v in ms.items() if k != "detokenize")  # the front overlaps it
+    flops = model_flops(source, int(delta.get("forward_tokens", 0)), len(outputs) + total_out)
+    peak = bf16_matmul_peak()
     return OfflineMetrics(
         completed=len(outputs),
         duration_s=duration,
@@ -79,7 +102,53 @@ def run_offline(
         input_throughput=total_in / d,
         output_throughput=total_out / d,
         total_throughput=(total_in + total_out) / d,
+        steps=steps,
+        step_ms=step_ms,
+        schedule_ms=ms["schedule"],
+        forward_ms=ms["forward"],
+        sample_ms=ms["sample"],
+        output_ms=ms["output"],
+        detokenize_ms=ms["detokenize"],
+        scheduler_share=(ms["schedule"] + ms["output"]) / max(step_ms, 1e-9),
+        mean_batch_tokens=delta.get("forward_tokens", 0) / steps,
+        model_tflops=flops / d / 1e12,
+        peak_tflops=peak / 1e12,
+        mfu=flops / d / peak if peak else 0.0,
     )
+
+
+PHASES = ("schedule", "forward", "sample", "output", "detokenize")
+
+
+def model_flops(model_path: str, forward_tokens: int, logit_rows: int) -> float:
+    """2 x matmul weights per token through the layers, plus the LM head for each row that
+    was scored (one per generated token, and one per prompt). Attention's own FLOPs are
+    left out: at these context lengths they are a few percent."""
+    from radixserve.models.loader import load_config, resolve_model
+
+    cfg = load_config(resolve_model(model_path))
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    head_dim = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * inter
+    return 2.0 * (
+        cfg.num_hidden_layers * per_layer * forward_tokens + cfg.vocab_size * h * logit_rows
+    )
+
+
+def bf16_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a large bfloat16 matmul on this machine's threads: the ceiling for MFU."""
+    import torch
+
+    a = torch.randn(size, size, dtype=torch.bfloat16)
+    b = torch.randn(size, size, dtype=torch.bfloat16)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * size**3 / best
 
 
 def format_offline(m: OfflineMetrics) -> str:
@@ -94,6 +163,18 @@ def format_offline(m: OfflineMetrics) -> str:
         ("Input token throughput (tok/s):", f"{m.input_throughput:.2f}"),
         ("Output token throughput (tok/s):", f"{m.output_throughput:.2f}"),
         ("Total token throughput (tok/s):", f"{m.total_throughput:.2f}"),
+        ("Forward steps:", str(m.steps)),
+        ("Mean tokens per step:", f"{m.mean_batch_tokens:.1f}"),
+        ("Step time (ms):", f"{m.step_ms:.2f}"),
+        ("  scheduling (ms):", f"{m.schedule_ms:.2f}"),
+        ("  forward (ms):", f"{m.forward_ms:.2f}"),
+        ("  sampling (ms):", f"{m.sample_ms:.2f}"),
+        ("  outputs and stop checks (ms):", f"{m.output_ms:.2f}"),
+        ("Detokenization in the front, overlapped (ms):", f"{m.detokenize_ms:.2f}"),
+        ("Scheduler share of a step:", f"{100 * m.scheduler_share:.1f}%"),
+        ("Model TFLOP/s:", f"{m.model_tflops:.3f}"),
+        ("bf16 matmul peak TFLOP/s:", f"{m.peak_tflops:.3f}"),
+        ("MFU:", f"{100 * m.mfu:.1f}%"),
     ]
     lines = [" Offline Engine Benchmark ".center(width, "=")]
     lines += [f"{label:<40}{value:>10}" for label, value in rows]

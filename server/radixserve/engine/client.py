@@ -84,6 +84,7 @@ class EngineClient:
         self.args = args
         self.info: EngineReady | None = None
         self.stats = EngineStats()
+        self.detokenize_s = 0.0  # cumulative, for the offline bench's per-step profile
         self.tokenizer = None
         self.dead: str | None = None
         self.last_heartbeat = 0.0
@@ -338,10 +339,12 @@ class EngineClient:
                 last = out
                 finished = out.finish_reason is not None
                 ids.extend(out.new_token_ids)
+                t0 = time.perf_counter()
                 detok.add(out.new_token_ids)
                 if finished:
                     detok.flush()
                 text = detok.text
+                self.detokenize_s += time.perf_counter() - t0
                 matched = (out.finish_reason or {}).get("matched")
                 if isinstance(matched, str) and matched in text:
                     text = text[: text.index(matched)]

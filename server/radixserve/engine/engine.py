@@ -108,7 +108,8 @@ class Engine:
         return self._call(self.client.flush_cache())
 
     def get_server_info(self) -> dict:
-        return {"engine": vars(self.info), "stats": vars(self.client.stats)}
+        stats = dict(vars(self.client.stats), time_detokenize_s=self.client.detokenize_s)
+        return {"engine": vars(self.info), "stats": stats}
 
     def shutdown(self) -> None:
         if self._loop.is_closed():

@@ -62,6 +62,12 @@ class EngineStats:
     num_retractions: int = 0  # cumulative
     num_oom_retries: int = 0  # cumulative
     forward_steps: int = 0  # cumulative
+    # cumulative seconds of the step loop, split by phase (the offline bench's per-step profile)
+    time_schedule_s: float = 0.0  # choosing the batch, building its tensors, bookkeeping
+    time_forward_s: float = 0.0  # the model
+    time_sample_s: float = 0.0  # penalties, grammar masks, sampling, logprobs
+    time_output_s: float = 0.0  # stop checks and the outputs sent to the front
+    forward_tokens: int = 0  # cumulative tokens through the model (prefill + decode)
 
 
 @dataclass

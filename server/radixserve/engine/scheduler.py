@@ -232,6 +232,9 @@ class Scheduler:
 
     # ---- one step ------------------------------------------------------------------------
     def step(self) -> list[ReqOutput]:
+        start = time.perf_counter()
+        stats = self.stats
+        inner = stats.time_forward_s + stats.time_sample_s + stats.time_output_s
         if self.grammar_wait:
             self._admit_compiled()
         decode = self._schedule_decode()
@@ -246,12 +249,16 @@ class Scheduler:
                 self.waiting.popleft(),
                 {"type": "abort", "message": "KV cache too small for this request"},
             )
+        t_out = time.perf_counter()
         outputs, self.finished_outputs = self.finished_outputs, []
         for req in self.running:
             if req.stream and len(req.output_ids) - req.sent_len >= self.args.stream_interval:
                 outputs.append(self._output(req))
+        stats.time_output_s += time.perf_counter() - t_out
         self.running = [r for r in self.running if r.finished_reason is None]
         self._update_stats()
+        inner = stats.time_forward_s + stats.time_sample_s + stats.time_output_s - inner
+        stats.time_schedule_s += time.perf_counter() - start - inner
         return outputs
 
     def _schedule_decode(self) -> list[Req]:
@@ -401,6 +408,7 @@ class Scheduler:
             extend_lens=extend_lens,
             req_slots=req_slots,
         )
+        t0 = time.perf_counter()
         try:
             logits = self.runner.forward(
                 batch, torch.tensor(logit_rows, dtype=torch.int64, device=device)
@@ -408,13 +416,18 @@ class Scheduler:
         except (torch.OutOfMemoryError, MemoryError) as e:
             self._shrink_after_oom(prefill, decode, e)
             return
+        t1 = time.perf_counter()
+        self.stats.time_forward_s += t1 - t0
         self.stats.forward_steps += 1
+        self.stats.forward_tokens += len(ids)
         for req, _ in prefill:
             if req.slots.numel() == len(req.fill_ids):
                 self._cache_prefilled(req)
         if not sample_reqs:
             return
         next_ids, logprobs = sample(logits, [r.row for r in sample_reqs], self.shared_gen)
+        t2 = time.perf_counter()
+        self.stats.time_sample_s += t2 - t1
         for i, (req, tok) in enumerate(zip(sample_reqs, next_ids, strict=True)):
             req.output_ids.append(tok)
             self.stats.generation_tokens += 1
@@ -428,6 +441,7 @@ class Scheduler:
                     reason = {"type": "stop", "matched": tok}
             if reason is not None:
                 self._finish(req, reason)
+        self.stats.time_output_s += time.perf_counter() - t2
 
     def _shrink_after_oom(
         self, prefill: list[tuple[Req, int]], decode: list[Req], err: Exception
