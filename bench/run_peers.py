@@ -105,12 +105,25 @@ def default_gguf() -> str:
     return str(default_model_path())
 
 
-def setup_radixserve(port: int, max_conc: int, threads: int) -> Peer:
+# extra `radixserve serve` flags for both radixserve peers (--radixserve-args)
+RADIXSERVE_ARGS: list[str] = []
+
+
+def setup_radixserve(port: int, max_conc: int, threads: int, name: str = "radixserve") -> Peer:
     exe = MAIN_PY.parent / "radixserve"
-    peer = Peer("radixserve", [str(exe), "serve", "--host", "127.0.0.1", "--port", str(port)])
+    command = [str(exe), "serve", "--host", "127.0.0.1", "--port", str(port)]
+    peer = Peer(name, command + ["--cpu-threads", str(threads), *RADIXSERVE_ARGS])
     peer.version = f"radixserve {importlib.metadata.version('radixserve')} ({git_rev()})"
     if not exe.exists():
         peer.skipped = f"{exe} not found (run `make setup`)"
+    return peer
+
+
+def setup_radixserve_no_cache(port: int, max_conc: int, threads: int) -> Peer:
+    """radixserve with --disable-radix-cache, on the shared-prefix workload only: the TTFT
+    the prefix cache saves."""
+    peer = setup_radixserve(port, max_conc, threads, "radixserve-no-cache")
+    peer.command.append("--disable-radix-cache")
     return peer
 
 
@@ -178,9 +191,12 @@ def setup_transformers(port: int, max_conc: int, threads: int) -> Peer:
 
 SETUPS = {
     "radixserve": setup_radixserve,
+    "radixserve-no-cache": setup_radixserve_no_cache,
     "llama.cpp": setup_llamacpp,
     "transformers": setup_transformers,
 }
+# peers that run only some workloads
+ONLY = {"radixserve-no-cache": {"shared-prefix"}}
 
 
 def git_rev() -> str:
@@ -275,6 +291,8 @@ def run_peer(
         commands.append(f"{peer.name} server: {shlex.join(peer.command)}")
         peer.notes.append(f"load average when its runs started: {loadavg()}")
         for w in runs:
+            if peer.name in ONLY and w.name not in ONLY[peer.name]:
+                continue
             cmd = [
                 str(MAIN_PY), "-m", "radixserve.bench",
                 "--backend", "openai",
@@ -369,6 +387,12 @@ def ratio_lines(records: list[dict]) -> list[str]:
             lines.append(
                 f"- {wl}, concurrency {conc}: radixserve / {other}: output throughput "
                 f"**{tput:.2f}×** (higher is better), median TTFT {ttft:.2f}× (lower is better)"
+            )
+        o = by.get(("radixserve-no-cache", wl, conc))
+        if o and r["median_ttft_ms"]:
+            lines.append(
+                f"- {wl}, concurrency {conc}: median TTFT without / with the radix cache: "
+                f"**{o['median_ttft_ms'] / r['median_ttft_ms']:.2f}×** (higher is better)"
             )
     return lines
 
@@ -488,11 +512,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="seconds per bench run; a run cut short reports its finished requests",
     )
     p.add_argument("--tag", default="cpu", help="results file suffix")
+    p.add_argument(
+        "--radixserve-args",
+        default="",
+        help="extra `radixserve serve` flags, one string (e.g. '--cpu-threads 1')",
+    )
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    RADIXSERVE_ARGS[:] = shlex.split(args.radixserve_args)
     load_at_start = loadavg()
     if len(args.num_prompts) != len(args.concurrency):
         raise SystemExit("--num-prompts needs one value per --concurrency")
