@@ -150,6 +150,23 @@ def test_shared_prefix_is_reused_and_output_unchanged(env):
     assert cached["ids"] == fresh["ids"]
 
 
+def test_prompts_arriving_together_compute_their_shared_prefix_once(env):
+    """Four prompts with one uncached 200+-token prefix, submitted at once: the first
+    computes it, the others wait a step and read it from the cache; outputs unchanged."""
+    tok = env[1]
+    prefix = tok.encode("You are a careful assistant. " * 40)
+    asks = [" Question: what is two plus two?", " Question: name a large animal."] * 2
+    p = SamplingParams(max_new_tokens=8, temperature=0)
+    reqs = [(prefix + tok.encode(q + " " * i), p) for i, q in enumerate(asks)]
+    sched = make(env)
+    out = run(sched, reqs)
+    assert out["r0"]["cached"] == 0
+    assert all(out[f"r{i}"]["cached"] >= len(prefix) for i in (1, 2, 3))
+    assert sched.stats.prefix_deferrals >= 3
+    alone = run(make(env, disable_radix_cache=True), reqs)
+    assert [out[f"r{i}"]["ids"] for i in range(4)] == [alone[f"r{i}"]["ids"] for i in range(4)]
+
+
 def test_abort_frees_slots_at_once(env):
     sched = make(env)
     sched.add_request(

@@ -62,6 +62,7 @@ class EngineStats:
     num_retractions: int = 0  # cumulative
     num_oom_retries: int = 0  # cumulative
     forward_steps: int = 0  # cumulative
+    prefix_deferrals: int = 0  # cumulative: prompts that waited a step for a shared prefix
     # cumulative seconds of the step loop, split by phase (the offline bench's per-step profile)
     time_schedule_s: float = 0.0  # choosing the batch, building its tensors, bookkeeping
     time_forward_s: float = 0.0  # the model

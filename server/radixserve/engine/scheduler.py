@@ -65,6 +65,21 @@ class Req:
         return self.row.params
 
 
+# a waiting prompt whose next this-many uncached tokens equal those of a prompt being
+# prefilled waits for that prefill to land in the radix cache (SGLang uses 32 as well)
+IN_BATCH_PREFIX_TOKENS = 32
+
+
+def _shares_uncached(fill: list[int], cached: int, pending: list[list[int]]) -> bool:
+    """Whether `fill`, beyond its `cached` tokens, starts like one of the `pending` prompts
+    for at least IN_BATCH_PREFIX_TOKENS tokens (which a prefill of those puts in the cache)."""
+    end = cached + IN_BATCH_PREFIX_TOKENS
+    if len(fill) <= end:
+        return False
+    window = fill[cached:end]
+    return any(len(p) > end and p[cached:end] == window for p in pending)
+
+
 class Scheduler:
     def __init__(
         self, args: ServerArgs, runner: ModelRunner, tokenizer, eos_ids: list[int]
@@ -311,6 +326,9 @@ class Scheduler:
         self._order_waiting()
         running = len(self.running)
         reserve = self._reserve(self.running)
+        # prompts whose KV this step computes: cached in the tree only once their prefill ends
+        pending = [r.fill_ids for r, _ in chosen]
+        deferred: list[Req] = []
         while self.waiting and budget > 0 and running < self.args.max_running_requests:
             req = self.waiting[0]
             fill = req.fill_ids
@@ -319,6 +337,13 @@ class Scheduler:
                 self.tree.inc_lock_ref(node)
             else:
                 prefix, node = torch.empty(0, dtype=torch.int64), None
+            if node is not None and _shares_uncached(fill, prefix.numel(), pending):
+                # the same uncached prefix is being computed for another request: wait a
+                # step and take it from the cache instead of computing it twice
+                self.tree.dec_lock_ref(node)
+                deferred.append(self.waiting.popleft())
+                self.stats.prefix_deferrals += 1
+                continue
             n = min(len(fill) - prefix.numel(), budget)
             reserve_after = reserve + self._reserve([req])
             new = None
@@ -338,12 +363,14 @@ class Scheduler:
                 self.stats.prompt_tokens += len(req.origin_input_ids)
             self.running.append(req)
             chosen.append((req, n))
+            pending.append(fill)
             budget -= n
             running += 1
             reserve = reserve_after
             if req.slots.numel() < len(fill):
                 self.chunked = req
                 break
+        self.waiting.extendleft(reversed(deferred))  # back at the front, in their order
         return chosen
 
     def _order_waiting(self) -> None:
