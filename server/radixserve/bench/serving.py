@@ -66,7 +66,10 @@ async def run_benchmark(
     send = BACKENDS[backend]
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     timeout = aiohttp.ClientTimeout(total=6 * 3600)
-    connector = aiohttp.TCPConnector(limit=0)
+    # a fresh connection per request, as SGLang's bench_serving does (a session per request):
+    # reusing keep-alive connections races servers that close idle ones (llama-server), and
+    # the lost requests would count against the server
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         if model is None and backend != "radixserve":
             model = await fetch_model_name(session, base_url, headers)
