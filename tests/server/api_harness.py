@@ -113,3 +113,17 @@ def wait_idle(server: Server, timeout: float = 60) -> dict:
             return stats
         assert time.monotonic() < deadline, f"engine never went idle: {stats}"
         time.sleep(0.2)
+
+
+def health_until_exit(server: Server, timeout: float = 60) -> list[int]:
+    """Poll /health every 50 ms until the server process exits (or `timeout`): the statuses
+    seen, in order, for tests that make the server fail and watch how it reports it."""
+    statuses = []
+    deadline = time.monotonic() + timeout
+    while server.proc.poll() is None and time.monotonic() < deadline:
+        try:
+            statuses.append(httpx.get(server.url + "/health", timeout=5).status_code)
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    return statuses

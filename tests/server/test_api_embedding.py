@@ -7,13 +7,12 @@ import base64
 import importlib.util
 import os
 import signal
-import time
 
 import httpx
 import numpy as np
 import openai
 import pytest
-from api_harness import Server, error_of, start_server
+from api_harness import Server, error_of, health_until_exit, start_server
 
 pytestmark = pytest.mark.slow
 TEXTS = ["The capital of France is Paris.", "hello world", "Embeddings map text to vectors."]
@@ -97,14 +96,7 @@ def test_engine_death_fails_health_and_exits_nonzero(emb_server):
     assert httpx.get(emb_server.url + "/health").status_code == 200
     pid = httpx.get(emb_server.url + "/server_info").json()["engine_pid"]
     os.kill(pid, signal.SIGKILL)
-    statuses = []
-    deadline = time.monotonic() + 60
-    while emb_server.proc.poll() is None and time.monotonic() < deadline:
-        try:
-            statuses.append(httpx.get(emb_server.url + "/health", timeout=5).status_code)
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
+    statuses = health_until_exit(emb_server)
     assert emb_server.proc.wait(60) != 0
     # the watchdog needs a heartbeat or two to notice; from then on, never healthy again
     assert 503 in statuses and 200 not in statuses[statuses.index(503) :]

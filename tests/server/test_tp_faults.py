@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
 import pytest
 import torch
-from api_harness import start_server
+from api_harness import health_until_exit, start_server
 from radixserve.engine.model_runner import ModelRunner
 from test_tensor_parallel import tiny_qwen3
 
@@ -55,14 +54,7 @@ def test_dead_rank_turns_health_503_and_stops_the_server(tmp_path):
         engine = httpx.get(server.url + "/server_info").json()["engine_pid"]
         (rank1,) = [p for p in spawned_children(server.proc.pid) if p != engine]
         os.kill(rank1, signal.SIGKILL)
-        statuses = []
-        deadline = time.monotonic() + 60
-        while server.proc.poll() is None and time.monotonic() < deadline:
-            try:
-                statuses.append(httpx.get(server.url + "/health", timeout=5).status_code)
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
+        statuses = health_until_exit(server)
         assert server.proc.wait(60) != 0
         assert 503 in statuses and 200 not in statuses[statuses.index(503) :]
         # told by rank 0's failed collective or by the front's watch on the rank's process
