@@ -18,7 +18,7 @@ import torch
 from radixserve.config import ServerArgs
 from radixserve.layers import parallel
 from radixserve.layers.attention import ForwardBatch, KVPool, create_attention_backend
-from radixserve.layers.linear import LinearBase, VocabParallelEmbedding
+from radixserve.layers.linear import LinearBase
 from radixserve.models.llama import LlamaForCausalLM
 from radixserve.models.loader import (
     ModelSource,
@@ -145,9 +145,8 @@ class ModelRunner:
     def _quantize_int4(self) -> None:
         linears = [m for m in self.model.modules() if isinstance(m, LinearBase)]
         packed = sum(m.quantize_int4() for m in linears)
-        heads = [m for m in self.model.modules() if isinstance(m, VocabParallelEmbedding)]
-        head = self.model.lm_head if hasattr(self.model, "lm_head") else heads[0]
-        head.quantize_int8()
+        # the tied embedding is the head when the model has no lm_head of its own
+        getattr(self.model, "lm_head", self.model.embed_tokens).quantize_int8()
         logger.info("int4 weights for %d of %d linear layers, int8 LM head", packed, len(linears))
 
     def _rank_device(self, device: str) -> str:
