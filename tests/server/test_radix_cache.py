@@ -1,9 +1,15 @@
-"""The radix tree's bookkeeping: match, insert, split, lock, LRU eviction."""
+"""The radix tree's bookkeeping: match, insert, split, lock, LRU eviction, and the
+request protocol (cache_unfinished / cache_finished) under random lifecycles."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+import pytest
 import torch
-from radixserve.engine.radix_cache import RadixCache
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from radixserve.engine.radix_cache import NoPrefixCache, RadixCache, TreeNode
 
 
 def slots(*xs: int) -> torch.Tensor:
@@ -106,3 +112,135 @@ def test_split_keeps_lock_counts():
     assert tree.protected_size == 4 and tree.evictable_size == 0
     tree.dec_lock_ref(node)
     assert tree.protected_size == 0 and tree.evictable_size == 4
+
+
+# ---- the request protocol, under random request lifecycles (hypothesis) -----------------
+
+POOL_SIZE = 24
+
+
+@dataclass
+class FakeReq:
+    """The fields the cache reads and rewrites, as the scheduler's Req has them."""
+
+    fill_ids: list[int]
+    slots: torch.Tensor = field(default_factory=lambda: slots())
+    prefix_len: int = 0
+    last_node: TreeNode | None = None
+
+
+class Lifecycle:
+    """A slot pool, a cache over it, and requests admitted and released the scheduler's way."""
+
+    def __init__(self, cache_cls) -> None:
+        self.free = list(range(POOL_SIZE))
+        self.locked_slots: set[int] = set()
+        self.cache = cache_cls(self._free)
+        self.live: list[FakeReq] = []
+
+    def _free(self, t: torch.Tensor) -> None:
+        freed = t.tolist()
+        if isinstance(self.cache, RadixCache):
+            assert not set(freed) & self._locked(), "freed a slot of a locked node"
+        self.free += freed
+
+    def _locked(self) -> set[int]:
+        return {s for r in self.live for s in r.slots[: r.prefix_len].tolist()}
+
+    def _alloc(self, n: int) -> torch.Tensor | None:
+        if len(self.free) < n:
+            self.cache.evict(n - len(self.free))
+        if len(self.free) < n:
+            return None
+        out, self.free = self.free[:n], self.free[n:]
+        return slots(*out)
+
+    def admit(self, ids: list[int]) -> None:
+        req = FakeReq(ids)
+        prefix, node = self.cache.match_prefix(ids[:-1])
+        self.cache.inc_lock_ref(node)
+        new = self._alloc(len(ids) - prefix.numel())
+        if new is None:
+            self.cache.dec_lock_ref(node)
+            return
+        req.slots, req.prefix_len, req.last_node = torch.cat([prefix, new]), prefix.numel(), node
+        self.cache.cache_unfinished(req)
+        self.live.append(req)
+
+    def decode(self, i: int, tok: int) -> None:
+        req = self.live[i % len(self.live)]
+        new = self._alloc(1)
+        if new is not None:
+            req.fill_ids = req.fill_ids + [tok]
+            req.slots = torch.cat([req.slots, new])
+
+    def finish(self, i: int) -> None:
+        self.cache.cache_finished(self.live.pop(i % len(self.live)))
+
+    def check(self) -> None:
+        """Every slot is held exactly once: free, in one tree node, or by one request."""
+        held = list(self.free)
+        nodes = list(_walk(self.cache.root)) if isinstance(self.cache, RadixCache) else []
+        for n in nodes:
+            held += n.value.tolist()
+        for r in self.live:
+            held += r.slots[r.prefix_len :].tolist()
+        assert sorted(held) == list(range(POOL_SIZE))
+        if not nodes:
+            return
+        # each node is locked once per live request whose path runs through it
+        for n in nodes:
+            users = sum(1 for r in self.live if _on_path(n, r.last_node))
+            assert n.lock_ref == users
+        tree = self.cache
+        assert tree.protected_size == sum(len(n.key) for n in nodes if n.lock_ref)
+        assert tree.evictable_size == sum(len(n.key) for n in nodes if not n.lock_ref)
+        assert tree.evictable_leaves == {n for n in nodes if not n.children and not n.lock_ref}
+
+
+def _walk(root: TreeNode):
+    stack = list(root.children.values())
+    while stack:
+        node = stack.pop()
+        yield node
+        stack.extend(node.children.values())
+
+
+def _on_path(node: TreeNode, leaf: TreeNode | None) -> bool:
+    while leaf is not None:
+        if leaf is node:
+            return True
+        leaf = leaf.parent
+    return False
+
+
+tokens_ = st.lists(st.integers(0, 3), min_size=1, max_size=8)
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("admit"), tokens_),
+        st.tuples(st.just("decode"), st.integers(0, 7), st.integers(0, 3)),
+        st.tuples(st.just("finish"), st.integers(0, 7)),
+        st.tuples(st.just("evict"), st.integers(0, POOL_SIZE)),
+    ),
+    max_size=40,
+)
+
+
+@pytest.mark.parametrize("cache_cls", [RadixCache, NoPrefixCache])
+@settings(max_examples=300, deadline=None)
+@given(ops=ops)
+def test_random_lifecycles_hold_every_slot_once_and_never_evict_a_locked_node(cache_cls, ops):
+    life = Lifecycle(cache_cls)
+    for op, *args in ops:
+        if op == "admit":
+            life.admit(*args)
+        elif op == "evict":
+            life.cache.evict(*args)
+        elif life.live:
+            getattr(life, op)(*args)
+        life.check()
+    while life.live:
+        life.finish(0)
+    life.check()
+    assert life.cache.protected_size == 0
+    assert len(life.free) + life.cache.evictable_size == POOL_SIZE

@@ -86,10 +86,8 @@ def run(
 
 def assert_pool_whole(sched: Scheduler) -> None:
     """Every slot is free or cached; nothing is still referenced once all requests ended."""
-    cached = sched.tree.evictable_size if sched.tree else 0
-    assert sched.pool.available() + cached == sched.pool.size
-    if sched.tree:
-        assert sched.tree.protected_size == 0
+    assert sched.pool.available() + sched.cache.evictable_size == sched.pool.size
+    assert sched.cache.protected_size == 0
 
 
 GREEDY = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
@@ -176,7 +174,7 @@ def test_abort_frees_slots_at_once(env):
     )
     for _ in range(3):
         sched.step()
-    assert sched.tree.protected_size > 0
+    assert sched.cache.protected_size > 0
     sched.abort("a")
     outs = sched.step()
     assert [o.finish_reason["type"] for o in outs] == ["abort"]

@@ -4,6 +4,11 @@ Bookkeeping is explicit: every cached token is either `protected` (on the path o
 request, lock_ref > 0, never evicted) or `evictable` (unreferenced; leaves go first, least
 recently used first). Slots leave the tree only through `evict`, which hands them back to
 the pool.
+
+The cache owns the request protocol too: `cache_unfinished` (a prompt finished prefilling:
+share it, move the request's lock down to it) and `cache_finished` (the request lets go of
+its KV: insert it, free the duplicates, unlock). `NoPrefixCache` has the same methods for
+`--disable-radix-cache`, so the scheduler never asks whether caching is on.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -40,16 +46,39 @@ def _common_len(a: list[int], b: list[int]) -> int:
     return i
 
 
+def _no_slots() -> torch.Tensor:
+    return torch.empty(0, dtype=torch.int64)
+
+
+class CachedReq(Protocol):
+    """What the cache reads and rewrites on a request: its tokens and the KV slots they use.
+
+    `slots[:prefix_len]` belong to the tree (locked through `last_node`); the rest are the
+    request's own until the cache takes them.
+    """
+
+    slots: torch.Tensor
+    prefix_len: int
+    last_node: TreeNode | None
+
+    @property
+    def fill_ids(self) -> list[int]: ...
+
+
 class RadixCache:
+    reuses_prefixes = True
+
     def __init__(self, free_slots: Callable[[torch.Tensor], None]) -> None:
         self._free_slots = free_slots
         self.reset()
 
     def reset(self) -> None:
-        self.root = TreeNode([], torch.empty(0, dtype=torch.int64), None)
+        self.root = TreeNode([], _no_slots(), None)
         self.root.lock_ref = 1  # the root is never evicted
         self.evictable_size = 0
         self.protected_size = 0
+        # unlocked childless nodes: what `evict` may take, kept so it never walks the tree
+        self.evictable_leaves: set[TreeNode] = set()
 
     @property
     def total_size(self) -> int:
@@ -68,7 +97,7 @@ class RadixCache:
             child.last_access = next(_clock)
             values.append(child.value)
             node, key = child, key[n:]
-        slots = torch.cat(values) if values else torch.empty(0, dtype=torch.int64)
+        slots = torch.cat(values) if values else _no_slots()
         return slots, node
 
     def insert(self, key: list[int], value: torch.Tensor) -> int:
@@ -84,6 +113,8 @@ class RadixCache:
                 leaf = TreeNode(key[done:], value[done:].clone(), node)
                 node.children[key[done]] = leaf
                 self.evictable_size += len(leaf.key)
+                self.evictable_leaves.discard(node)
+                self.evictable_leaves.add(leaf)
                 return done
             n = _common_len(child.key, key[done:])
             if n < len(child.key):
@@ -110,6 +141,7 @@ class RadixCache:
             if node.lock_ref == 0:
                 self.evictable_size -= len(node.key)
                 self.protected_size += len(node.key)
+                self.evictable_leaves.discard(node)
             node.lock_ref += 1
             node = node.parent
 
@@ -118,30 +150,84 @@ class RadixCache:
             if node.lock_ref == 1:
                 self.evictable_size += len(node.key)
                 self.protected_size -= len(node.key)
+                if not node.children:
+                    self.evictable_leaves.add(node)
             node.lock_ref -= 1
             assert node.lock_ref >= 0, "unbalanced dec_lock_ref"
             node = node.parent
 
     def evict(self, num_tokens: int) -> int:
         """Free at least `num_tokens` slots from unreferenced leaves, LRU first; returns freed."""
-        leaves = [n for n in self._nodes() if not n.children and n.lock_ref == 0]
+        leaves = list(self.evictable_leaves)
         heapq.heapify(leaves)
         freed = 0
         while freed < num_tokens and leaves:
             leaf = heapq.heappop(leaves)
+            self.evictable_leaves.remove(leaf)
             self._free_slots(leaf.value)
             freed += len(leaf.key)
             self.evictable_size -= len(leaf.key)
             parent = leaf.parent
             del parent.children[leaf.key[0]]
             if parent is not self.root and not parent.children and parent.lock_ref == 0:
+                self.evictable_leaves.add(parent)
                 heapq.heappush(leaves, parent)
         return freed
 
-    def _nodes(self):
-        stack = [self.root]
-        while stack:
-            node = stack.pop()
-            if node is not self.root:
-                yield node
-            stack.extend(node.children.values())
+    # ---- the request protocol ----------------------------------------------------------
+    def _insert_req(self, req: CachedReq) -> list[int]:
+        """Put the request's computed tokens in the tree and free its duplicate slots."""
+        key = req.fill_ids[: req.slots.numel()]
+        dup = self.insert(key, req.slots)
+        self._free_slots(req.slots[req.prefix_len : dup])
+        return key
+
+    def cache_unfinished(self, req: CachedReq) -> None:
+        """Its prompt is in: share it so later requests reuse it, and hold it locked."""
+        key = self._insert_req(req)
+        slots, node = self.match_prefix(key)
+        self.inc_lock_ref(node)
+        self.dec_lock_ref(req.last_node)
+        req.slots, req.prefix_len, req.last_node = slots, slots.numel(), node
+
+    def cache_finished(self, req: CachedReq) -> None:
+        """The request lets go of its KV (finished or retracted): the tree keeps it, unlocked."""
+        if req.last_node is not None:
+            self._insert_req(req)
+            self.dec_lock_ref(req.last_node)
+        else:
+            self._free_slots(req.slots)
+        req.slots, req.prefix_len, req.last_node = _no_slots(), 0, None
+
+
+class NoPrefixCache:
+    """The cache for `--disable-radix-cache`: same methods, nothing kept, nothing shared."""
+
+    reuses_prefixes = False
+    evictable_size = 0
+    protected_size = 0
+
+    def __init__(self, free_slots: Callable[[torch.Tensor], None]) -> None:
+        self._free_slots = free_slots
+
+    def reset(self) -> None:
+        pass
+
+    def match_prefix(self, key: list[int]) -> tuple[torch.Tensor, None]:
+        return _no_slots(), None
+
+    def inc_lock_ref(self, node: None) -> None:
+        pass
+
+    def dec_lock_ref(self, node: None) -> None:
+        pass
+
+    def evict(self, num_tokens: int) -> int:
+        return 0
+
+    def cache_unfinished(self, req: CachedReq) -> None:
+        pass
+
+    def cache_finished(self, req: CachedReq) -> None:
+        self._free_slots(req.slots)
+        req.slots, req.prefix_len, req.last_node = _no_slots(), 0, None

@@ -24,7 +24,7 @@ import torch
 from radixserve.config import ServerArgs
 from radixserve.engine.io_struct import EngineStats, ReqOutput, TokenizedGenerateReq
 from radixserve.engine.model_runner import ModelRunner
-from radixserve.engine.radix_cache import RadixCache, TreeNode
+from radixserve.engine.radix_cache import NoPrefixCache, RadixCache, TreeNode
 from radixserve.engine.sampler import SamplingRow, sample
 from radixserve.layers.attention import ForwardBatch
 
@@ -89,7 +89,8 @@ class Scheduler:
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.pool = runner.pool
-        self.tree = None if args.disable_radix_cache else RadixCache(self.pool.free)
+        cache = NoPrefixCache if args.disable_radix_cache else RadixCache
+        self.cache: RadixCache | NoPrefixCache = cache(self.pool.free)
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.chunked: Req | None = None
@@ -197,8 +198,7 @@ class Scheduler:
         """Drop the prefix cache; refused while requests hold slots (SGLang does the same)."""
         if self.running or self.waiting:
             return False
-        if self.tree is not None:
-            self.tree.reset()
+        self.cache.reset()
         self.pool.clear()
         return True
 
@@ -207,37 +207,12 @@ class Scheduler:
 
     # ---- memory ----------------------------------------------------------------------
     def _alloc(self, n: int) -> torch.Tensor | None:
-        if self.pool.available() < n and self.tree is not None:
-            self.tree.evict(n - self.pool.available())
+        if self.pool.available() < n:
+            self.cache.evict(n - self.pool.available())
         return self.pool.alloc(n)
 
     def _available(self) -> int:
-        return self.pool.available() + (self.tree.evictable_size if self.tree else 0)
-
-    def _release(self, req: Req) -> None:
-        """Give back the request's KV: into the cache when there is one, else to the pool."""
-        computed = req.slots.numel()
-        if self.tree is not None and req.last_node is not None:
-            key = req.fill_ids[:computed]
-            dup = self.tree.insert(key, req.slots)
-            self.pool.free(req.slots[req.prefix_len : dup])
-            self.tree.dec_lock_ref(req.last_node)
-        else:
-            self.pool.free(req.slots)
-        req.slots = torch.empty(0, dtype=torch.int64)
-        req.prefix_len, req.last_node = 0, None
-
-    def _cache_prefilled(self, req: Req) -> None:
-        """After its prompt is in, share it through the tree so later requests reuse it."""
-        if self.tree is None:
-            return
-        key = req.fill_ids[: req.slots.numel()]
-        dup = self.tree.insert(key, req.slots)
-        self.pool.free(req.slots[req.prefix_len : dup])
-        slots, node = self.tree.match_prefix(key)
-        self.tree.inc_lock_ref(node)
-        self.tree.dec_lock_ref(req.last_node)
-        req.slots, req.prefix_len, req.last_node = slots, slots.numel(), node
+        return self.pool.available() + self.cache.evictable_size
 
     def _reserve(self, reqs) -> int:
         return int(
@@ -296,7 +271,7 @@ class Scheduler:
 
     def _retract(self, req: Req) -> None:
         self.running.remove(req)
-        self._release(req)
+        self.cache.cache_finished(req)
         self.waiting.appendleft(req)
         self.stats.num_retractions += 1
         logger.debug("retracted %s after %d tokens", req.rid, len(req.output_ids))
@@ -332,26 +307,21 @@ class Scheduler:
         while self.waiting and budget > 0 and running < self.args.max_running_requests:
             req = self.waiting[0]
             fill = req.fill_ids
-            if self.tree is not None:
-                prefix, node = self.tree.match_prefix(fill[:-1])
-                self.tree.inc_lock_ref(node)
-            else:
-                prefix, node = torch.empty(0, dtype=torch.int64), None
-            if node is not None and _shares_uncached(fill, prefix.numel(), pending):
+            prefix, node = self.cache.match_prefix(fill[:-1])
+            if self.cache.reuses_prefixes and _shares_uncached(fill, prefix.numel(), pending):
                 # the same uncached prefix is being computed for another request: wait a
                 # step and take it from the cache instead of computing it twice
-                self.tree.dec_lock_ref(node)
                 deferred.append(self.waiting.popleft())
                 self.stats.prefix_deferrals += 1
                 continue
+            self.cache.inc_lock_ref(node)  # before _alloc, whose eviction must spare it
             n = min(len(fill) - prefix.numel(), budget)
             reserve_after = reserve + self._reserve([req])
             new = None
             if self._available() >= n + reserve_after or (not self.running and not chosen):
                 new = self._alloc(n)
             if new is None:
-                if node is not None:
-                    self.tree.dec_lock_ref(node)
+                self.cache.dec_lock_ref(node)
                 break
             self.waiting.popleft()
             req.slots = torch.cat([prefix, new])
@@ -376,14 +346,14 @@ class Scheduler:
     def _order_waiting(self) -> None:
         if (
             self.args.schedule_policy != "lpm"
-            or self.tree is None
+            or not self.cache.reuses_prefixes
             or len(self.waiting) > LPM_MAX_WAITING
         ):
             return
         # retracted requests (which have output) keep their place at the front
         keyed = [
             (
-                -(self.tree.match_prefix(r.fill_ids[:-1])[0].numel())
+                -(self.cache.match_prefix(r.fill_ids[:-1])[0].numel())
                 if not r.output_ids
                 else float("-inf"),
                 r.arrival,
@@ -449,7 +419,7 @@ class Scheduler:
         self.stats.forward_tokens += len(ids)
         for req, _ in prefill:
             if req.slots.numel() == len(req.fill_ids):
-                self._cache_prefilled(req)
+                self.cache.cache_unfinished(req)
         if not sample_reqs:
             return
         next_ids, logprobs = sample(logits, [r.row for r in sample_reqs], self.shared_gen)
@@ -519,7 +489,7 @@ class Scheduler:
     def _finish(self, req: Req, reason: dict) -> None:
         req.finished_reason = reason
         if req.slots.numel():
-            self._release(req)
+            self.cache.cache_finished(req)
         self.finished_outputs.append(self._output(req))
 
     def _output(self, req: Req) -> ReqOutput:
