@@ -18,6 +18,7 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -44,7 +45,7 @@ def default_served_name(model_path: str) -> str:
 logger = logging.getLogger("radixserve.api")
 
 # Probes and scrapers: no API key, still answered while draining.
-OPEN_PATHS = frozenset({"/health", "/metrics"})
+OPEN_PATHS = frozenset({"/health", "/health/live", "/metrics"})
 
 
 class ServerState:
@@ -299,6 +300,20 @@ def create_app(args: ServerArgs) -> FastAPI:
     )
     app.state.server = state
     install_error_handlers(app)
+
+    @app.get("/health/live", include_in_schema=False)
+    async def health_live() -> JSONResponse:
+        """Liveness, looser than /health on purpose: 200 while loading, busy or draining;
+        503 only once the engine died or the watchdog gave up on it. A long engine step
+        turns /health 503 (readiness takes the pod out of the Service) but must not get the
+        pod restarted before the server's own watchdog (--watchdog-timeout) decides."""
+        why = state.failure or state.client.dead
+        if why is None:
+            return JSONResponse({"status": "alive"})
+        body = error_body(503, f"server is dead: {why}", code="server_dead")
+        body["status"] = "dead"
+        return JSONResponse(body, status_code=503)
+
     app.include_router(openai_router)
     app.include_router(native_router)
     app.add_middleware(ServerMiddleware, state=state)
