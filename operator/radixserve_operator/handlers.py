@@ -16,6 +16,8 @@ from .kube import object_path
 from .reconcile import Reconciler
 
 MANAGED = {"app.kubernetes.io/managed-by": "radixserve-operator"}
+# The children the operator watches, so that a rollout or a hand edit reconciles at once.
+CHILD_WATCHES = (("apps/v1", "deployments"), ("v1", "services"))
 
 
 def configure(settings: kopf.OperatorSettings) -> None:
@@ -30,6 +32,11 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.posting.level = logging.WARNING
     settings.posting.loggers = True
     settings.watching.server_timeout = 300
+    # Filter on the API server, not in kopf: without a selector every Deployment and
+    # Service in the cluster would stream into the operator's memory just to be dropped.
+    selector = ",".join(f"{key}={value}" for key, value in MANAGED.items())
+    for group_version, plural in CHILD_WATCHES:
+        settings.watching.label_selectors[group_version, plural] = selector
     settings.networking.request_timeout = 60
 
 
@@ -74,7 +81,7 @@ def register(
             if owner is not None and not owner["metadata"].get("deletionTimestamp"):
                 await reconciler.reconcile(owner, logger)
 
-    for group_version, plural in (("apps/v1", "deployments"), ("v1", "services")):
+    for group_version, plural in CHILD_WATCHES:
         kopf.on.event(
             group_version, plural, labels=MANAGED, registry=registry, id=f"{plural}-changed"
         )(child_changed)

@@ -1,7 +1,7 @@
 """A small async Kubernetes API client for the operator's own reads and writes.
 
-kopf watches and patches the ModelDeployments itself; the children need plain get /
-create / merge-patch / delete, which this does over aiohttp. Where the credentials come
+kopf watches and patches the ModelDeployments itself; the children need get, server-side
+apply and delete, and the status a merge patch, which this does over aiohttp. Where the credentials come
 from is the caller's choice (`from_kubeconfig` in the cluster or on a laptop, a bare URL
 in tests), so nothing here is tied to one way of logging in.
 """
@@ -9,6 +9,7 @@ in tests), so nothing here is tied to one way of logging in.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import ssl
 from collections.abc import Callable
@@ -19,6 +20,10 @@ import aiohttp
 
 # Names the operator's own calls in the API server's audit log (kopf's say "kopf/<version>").
 USER_AGENT = "radixserve-operator"
+# Server-side apply's owner of every field the operator sets (`kubectl get -o yaml
+# --show-managed-fields` shows it).
+FIELD_MANAGER = "radixserve-operator"
+APPLY_PATCH = "application/apply-patch+yaml"
 PLURALS = {
     "Deployment": "deployments",
     "Service": "services",
@@ -81,7 +86,12 @@ class KubeClient:
         return cls(server=cfg.host, ssl_context=context, authorization=authorization)
 
     async def _request(
-        self, method: str, path: str, body: Any = None, content_type: str = "application/json"
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        content_type: str = "application/json",
+        params: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
@@ -92,7 +102,12 @@ class KubeClient:
         if token:
             headers["Authorization"] = token
         async with self._session.request(
-            method, self.server.rstrip("/") + path, json=body, headers=headers, ssl=self.ssl_context
+            method,
+            self.server.rstrip("/") + path,
+            data=None if body is None else json.dumps(body),
+            params=params,
+            headers=headers,
+            ssl=self.ssl_context,
         ) as response:
             payload = await response.json(content_type=None)
             if response.status >= 400:
@@ -108,13 +123,20 @@ class KubeClient:
                 return None
             raise
 
-    async def create(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        return await self._request("POST", path, body)
-
     async def patch(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        # JSON merge patch replaces lists whole, so hand-added containers, ports or env
-        # entries are dropped too; a strategic merge would keep them.
+        """JSON merge patch; used only for the ModelDeployment's status, which is all ours."""
         return await self._request("PATCH", path, body, "application/merge-patch+json")
+
+    async def apply(
+        self, path: str, manifest: dict[str, Any], dry_run: bool = False
+    ) -> dict[str, Any]:
+        """Server-side apply: the API server merges (lists by key), creates a missing object,
+        removes fields this manager applied before and no longer does, and keeps other
+        managers' fields (a sidecar another controller added). JSON is valid YAML."""
+        params = {"fieldManager": FIELD_MANAGER, "force": "true"}
+        if dry_run:
+            params["dryRun"] = "All"
+        return await self._request("PATCH", path, manifest, APPLY_PATCH, params)
 
     async def delete(self, path: str) -> None:
         try:

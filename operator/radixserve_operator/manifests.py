@@ -36,9 +36,16 @@ DEFAULT_PROBES: dict[str, dict[str, int]] = {
     # initialDelay) lets a fast start become ready at once while a slow one is not killed.
     "startup": {"periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 180},
     "readiness": {"periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3},
-    # Generous: a busy engine answers /health late; restarting it loses the whole batch.
+    # On /health/live, which fails only once the engine died or the server's own watchdog
+    # fired: a long engine step (a big prefill on a CPU) turns /health 503 for a while,
+    # which readiness should see, but restarting the pod would lose the whole batch.
     "liveness": {"periodSeconds": 15, "timeoutSeconds": 10, "failureThreshold": 6},
 }
+# startup and readiness call /health (strict); liveness the looser /health/live.
+PROBE_PATHS = {"startup": "/health", "readiness": "/health", "liveness": "/health/live"}
+# Beyond the startup probe's budget: scheduling, the image pull and the model download
+# (an init container runs before any probe starts).
+PROGRESS_MARGIN_SECONDS = 600
 
 HF_DOWNLOAD = (
     "import sys\n"
@@ -138,7 +145,21 @@ def termination_grace_seconds(spec: Spec) -> int:
 
 def _probe(kind: str, spec: Spec) -> dict[str, Any]:
     timings = DEFAULT_PROBES[kind] | spec["probes"].get(kind, {})
-    return {"httpGet": {"path": "/health", "port": "http"}, **timings}
+    return {"httpGet": {"path": PROBE_PATHS[kind], "port": "http"}, **timings}
+
+
+def progress_deadline_seconds(spec: Spec) -> int:
+    """How long a rollout may go without progress before the Deployment calls it stalled.
+
+    Kubernetes' 600 s default is shorter than the startup probe lets a model load (30 min
+    by default), so a slow first load would read as a stalled rollout (Degraded). This is
+    the startup budget plus a margin for scheduling, the image pull and the download.
+    """
+    startup = _probe("startup", spec)
+    budget = startup.get("initialDelaySeconds", 0) + (
+        startup["periodSeconds"] * startup["failureThreshold"]
+    )
+    return budget + PROGRESS_MARGIN_SECONDS
 
 
 def _resources(spec: Spec, with_gpus: bool) -> dict[str, Any]:
@@ -304,6 +325,7 @@ def deployment(name: str, namespace: str, spec: Spec) -> Manifest:
         "spec": {
             "replicas": spec["replicas"],
             "revisionHistoryLimit": 3,
+            "progressDeadlineSeconds": progress_deadline_seconds(spec),
             "selector": {"matchLabels": selector(name)},
             "strategy": {
                 "type": "RollingUpdate",

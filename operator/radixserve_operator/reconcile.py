@@ -2,16 +2,15 @@
 
 Every handler (create, update, resume, the resync timer, a child's event) calls the same
 `Reconciler.reconcile`, so there is one path from spec to cluster and it is idempotent:
-a child whose live state already covers the desired manifest is not written at all.
+children are written with server-side apply, and only when a dry run says the apply
+would change something.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import copy
 import datetime
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +22,6 @@ from . import spec as specs
 from .kube import ApiError, KubeClient, object_path
 from .probe import probe_model
 
-LAST_APPLIED = f"{GROUP}/last-applied"
 OPTIONAL_CHILDREN = (
     ("v1", "PersistentVolumeClaim", manifests.model_cache_pvc, manifests.model_cache_claim_name),
     ("autoscaling/v2", "HorizontalPodAutoscaler", manifests.hpa, lambda name: name),
@@ -36,69 +34,43 @@ OPTIONAL_CHILDREN = (
 )
 
 
-def covers(actual: Any, desired: Any) -> bool:
-    """Whether the live object already holds every desired field (extra fields allowed).
+# What differs between a live object and the same object re-applied without any change:
+# bookkeeping the API server rewrites, never a field the operator sets.
+VOLATILE_METADATA = ("managedFields", "resourceVersion", "generation")
 
-    The API server adds defaults and status, so equality never holds; a patch is needed
-    only when something we set is missing or different.
+
+def same_object(live: dict[str, Any], would_be: dict[str, Any]) -> bool:
+    """Whether a (dry-run) apply result equals the live object, bookkeeping aside.
+
+    Both sides come from the API server, so defaults and canonical quantities ("0.5"
+    stored as "500m") are already applied to both: no client-side guessing.
     """
-    if isinstance(desired, dict):
-        return isinstance(actual, dict) and all(
-            key in actual and covers(actual[key], value) for key, value in desired.items()
-        )
-    if isinstance(desired, list):
+
+    def strip(obj: dict[str, Any]) -> dict[str, Any]:
+        meta = {k: v for k, v in obj.get("metadata", {}).items() if k not in VOLATILE_METADATA}
+        return {**obj, "metadata": meta}
+
+    return strip(live) == strip(would_be)
+
+
+def pvc_immutable_change(live: dict[str, Any], desired: dict[str, Any]) -> str | None:
+    """A PVC's access modes and storage class cannot change once it exists (the API server
+    answers 422); say so in words instead of sending the patch."""
+    live_spec, spec = live.get("spec", {}), desired["spec"]
+    if live_spec.get("accessModes") != spec["accessModes"]:
         return (
-            isinstance(actual, list)
-            and len(actual) == len(desired)
-            and all(covers(a, d) for a, d in zip(actual, desired, strict=True))
+            f"modelCache.accessMode cannot change on the existing claim "
+            f"{live['metadata']['name']} ({live_spec.get('accessModes')} -> "
+            f"{spec['accessModes']}): delete the PVC to recreate it, or revert the field"
         )
-    if isinstance(desired, int | float) and isinstance(actual, str):
-        return str(desired) == actual  # quantities come back as strings
-    return actual == desired
-
-
-def removed(last: dict[str, Any], desired: dict[str, Any]) -> dict[str, Any]:
-    """A merge patch (None = delete) for keys we set last time and no longer want."""
-    out: dict[str, Any] = {}
-    for key, value in last.items():
-        if key not in desired:
-            out[key] = None
-        elif isinstance(value, dict) and isinstance(desired[key], dict):
-            nested = removed(value, desired[key])
-            if nested:
-                out[key] = nested
-    return out
-
-
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def with_last_applied(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The manifest, remembering itself in an annotation (as `kubectl apply` does)."""
-    out = copy.deepcopy(manifest)
-    annotations = out["metadata"].setdefault("annotations", {})
-    annotations[LAST_APPLIED] = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
-    return out
-
-
-def merge_patch(live: dict[str, Any], desired: dict[str, Any]) -> dict[str, Any]:
-    """The desired fields, plus deletions of fields the previous apply set and this one does not.
-
-    Without the deletions, dropping e.g. nodeSelector from a spec would leave it on the pods.
-    """
-    annotations = live.get("metadata", {}).get("annotations") or {}
-    try:
-        last = json.loads(annotations.get(LAST_APPLIED, "{}"))
-    except json.JSONDecodeError:
-        last = {}
-    return _deep_merge(removed(last, desired), desired)
+    wanted = spec.get("storageClassName")
+    if wanted and live_spec.get("storageClassName") != wanted:
+        return (
+            f"modelCache.storageClassName cannot change on the existing claim "
+            f"{live['metadata']['name']} ({live_spec.get('storageClassName')!r} -> {wanted!r}): "
+            "delete the PVC to recreate it, or revert the field"
+        )
+    return None
 
 
 PROBE_DISABLED = status.Probe(True, "ProbeDisabled", "model probing is off; trusting pod readiness")
@@ -116,19 +88,22 @@ class Reconciler:
     _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
 
     async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Create the object, or merge-patch it back to the desired fields."""
+        """Server-side apply the manifest, writing only when it would change something.
+
+        A dry-run apply shows what the API server would store; when that equals the live
+        object (defaults and canonical forms included), nothing is written, so a resync of
+        an unchanged object sends no write and causes no watch event.
+        """
         meta = manifest["metadata"]
         kind, api_version = manifest["kind"], manifest["apiVersion"]
         path = object_path(api_version, kind, meta["namespace"], meta["name"])
         live = await self.kube.get(path)
-        desired = with_last_applied(manifest)
-        if live is None:
-            return await self.kube.create(
-                object_path(api_version, kind, meta["namespace"]), desired
-            )
-        if covers(live, desired):
-            return live
-        return await self.kube.patch(path, merge_patch(live, desired))
+        if live is not None:
+            if kind == "PersistentVolumeClaim" and (why := pvc_immutable_change(live, manifest)):
+                raise ApiError(422, why)
+            if same_object(live, await self.kube.apply(path, manifest, dry_run=True)):
+                return live
+        return await self.kube.apply(path, manifest)
 
     async def _secret_warnings(
         self, namespace: str, spec: specs.Spec
@@ -171,10 +146,11 @@ class Reconciler:
     async def _reconcile(self, body: Any, logger: Any) -> dict[str, Any]:
         name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
         spec = specs.with_defaults(body.get("spec", {}))
-        problems = specs.problems(spec)
+        problems = specs.problems(spec, name)
         warnings: list[str] = []
         deployment: dict[str, Any] | None = None
         probe: status.Probe | None = None
+        failed: list[str] = []
         if problems:
             logger.warning("Invalid spec, nothing applied: %s", "; ".join(problems))
             deployment = await self.kube.get(object_path("apps/v1", "Deployment", namespace, name))
@@ -191,9 +167,13 @@ class Reconciler:
                             "is not installed; install the Gateway API Inference Extension"
                         )
                         continue
-                    raise kopf.TemporaryError(
-                        f"applying {child['kind']}: {error}", delay=10
-                    ) from error
+                    # One child failing (an immutable field, a refused name) must neither
+                    # stop the others nor hide the reason: it goes into the status.
+                    failed.append(
+                        f"applying {child['kind']} {child['metadata']['name']}: "
+                        f"{error.message or error}"
+                    )
+                    continue
                 if child["kind"] == "Deployment":
                     deployment = applied
             await self._delete_unwanted(name, namespace, spec)
@@ -208,17 +188,21 @@ class Reconciler:
             generation=body["metadata"].get("generation"),
             spec=spec,
             problems=problems,
-            warnings=warnings,
+            warnings=failed + warnings,
             deployment=deployment,
             probe=probe if self.probe_models else PROBE_DISABLED,
         )
         previous = body.get("status", {}) or {}
         new_status = status.build(seen, previous.get("conditions", []), now())
-        if not covers(previous, new_status):
+        if {key: previous.get(key) for key in new_status} != new_status:
             # Conditions carry their own lastTransitionTime, so an unchanged status
             # compares equal and no write (and no watch event) happens.
             path = object_path(f"{GROUP}/{VERSION}", KIND, namespace, name) + "/status"
             await self.kube.patch(path, {"status": new_status})
+        if failed:
+            # After the status is written, so `kubectl get md` shows why; kopf logs it as
+            # an Event on the ModelDeployment and retries.
+            raise kopf.TemporaryError("; ".join(failed), delay=10)
         return new_status
 
     async def _delete_unwanted(self, name: str, namespace: str, spec: specs.Spec) -> None:

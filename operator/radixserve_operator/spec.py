@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 from importlib import resources
 from typing import Any
 
@@ -63,13 +64,41 @@ OWNED_FLAGS = {
 }
 
 
-def problems(spec: Spec) -> list[str]:
+# A Service's name must be a DNS-1035 label; a custom resource's name need only be a
+# DNS-1123 subdomain ("llama-3.1-8b", "3b-instruct"), which the API server would refuse
+# for the Service the operator names after it.
+DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+NAME_RULE = (
+    "must be a DNS-1035 label (at most 63 lowercase letters, digits or '-', starting with a "
+    "letter and ending with a letter or digit; no dots): the model's Service is named after it"
+)
+SINGLE_NODE_MODES = ("ReadWriteOnce", "ReadWriteOncePod")
+
+
+def name_problems(name: str) -> list[str]:
+    if len(name) <= 63 and DNS_1035_LABEL.match(name):
+        return []
+    return [f"metadata.name {name!r} {NAME_RULE}; e.g. {_suggest(name)!r}"]
+
+
+def _suggest(name: str) -> str:
+    fixed = re.sub(r"[^a-z0-9-]", "-", name.lower()).strip("-")
+    fixed = fixed if fixed[:1].isalpha() else f"m-{fixed}"
+    return fixed[:63].rstrip("-")
+
+
+def max_replicas(spec: Spec) -> int:
+    autoscaling = spec.get("autoscaling")
+    return autoscaling["maxReplicas"] if autoscaling else spec["replicas"]
+
+
+def problems(spec: Spec, name: str | None = None) -> list[str]:
     """Cross-field mistakes, each phrased as what to change.
 
     The CRD's CEL rules reject these at admission; the operator checks again because
     objects written before the rules existed (or with validation off) still reach it.
     """
-    found: list[str] = []
+    found: list[str] = name_problems(name) if name is not None else []
     gpus = spec["resources"]["gpus"]
     tp = spec["tensorParallelSize"]
     if gpus == 0 and tp != 1:
@@ -98,6 +127,13 @@ def problems(spec: Spec) -> list[str]:
         flag = arg.split("=", 1)[0]
         if flag in OWNED_FLAGS:
             found.append(f"engine.extraArgs must not set {flag}: {OWNED_FLAGS[flag]}")
+    cache = spec.get("modelCache")
+    if cache and cache["accessMode"] in SINGLE_NODE_MODES and max_replicas(spec) > 1:
+        found.append(
+            f"modelCache.accessMode {cache['accessMode']} mounts on one node only, but up to "
+            f"{max_replicas(spec)} replicas may run (replicas or autoscaling.maxReplicas): "
+            "use accessMode ReadWriteMany, or one replica"
+        )
     if spec["engine"]["device"] == "cuda" and gpus == 0:
         found.append("engine.device is cuda but resources.gpus is 0: request at least one GPU")
     return found

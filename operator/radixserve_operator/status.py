@@ -49,34 +49,64 @@ def _mirror(deployment: dict[str, Any] | None, kind: str) -> tuple[str, str, str
     return found.get("status", "Unknown"), found.get("reason", kind), found.get("message", "")
 
 
-def _phase(seen: Observed, ready: int, desired: int) -> tuple[str, str]:
-    """The phase and a message a user can act on."""
+ROLLING_REASONS = ("ReplicaSetUpdated", "NewReplicaSetCreated", "FoundNewReplicaSet")
+
+
+def rollout_pending(deployment: dict[str, Any], desired: int) -> str | None:
+    """Why the Deployment does not serve the current spec everywhere yet; None once it does.
+
+    Ready counts alone lie right after a spec change: the old ReplicaSet's pods are still
+    ready until the controller has observed the new generation and replaced them. (Ready
+    also needs availableReplicas = desired; `_phase` checks that.)
+    """
+    generation = deployment.get("metadata", {}).get("generation")
+    status = deployment.get("status", {})
+    observed = status.get("observedGeneration")
+    if generation is not None and (observed is None or observed < generation):
+        return f"the Deployment controller has not observed generation {generation} yet"
+    updated = status.get("updatedReplicas", 0) or 0
+    total = status.get("replicas", 0) or 0
+    if updated < desired:
+        return f"{updated}/{desired} replicas run the new spec"
+    if total > updated:
+        return f"{total - updated} replica(s) of the previous spec still running"
+    return None
+
+
+def _phase(seen: Observed, ready: int, desired: int) -> tuple[str, str, str]:
+    """The phase, the Ready condition's reason, and a message a user can act on."""
     if seen.problems:
-        return "Failed", "; ".join(seen.problems)
+        return "Failed", "Failed", "; ".join(seen.problems)
     if seen.deployment is None:
-        return "Pending", "creating the Deployment"
+        if seen.warnings:
+            return "Degraded", "Degraded", "; ".join(seen.warnings)
+        return "Pending", "Pending", "creating the Deployment"
     progressing = _mirror(seen.deployment, "Progressing")
     if progressing[1] == "ProgressDeadlineExceeded":
-        return "Degraded", f"rollout stalled: {progressing[2]}"
+        return "Degraded", "Degraded", f"rollout stalled: {progressing[2]}"
     if seen.warnings:
-        return "Degraded", "; ".join(seen.warnings)
+        return "Degraded", "Degraded", "; ".join(seen.warnings)
+    pending = rollout_pending(seen.deployment, desired)
     if desired == 0:
-        return "Pending", "scaled to zero replicas"
+        if pending:
+            return "Progressing", "RolloutInProgress", f"scaling to zero: {pending}"
+        return "Pending", "Pending", "scaled to zero replicas"
     if ready == 0:
-        return "Progressing", f"0/{desired} replicas ready (loading the model)"
+        return "Progressing", "Progressing", f"0/{desired} replicas ready (loading the model)"
     if seen.probe is not None and not seen.probe.ok:
-        return "Degraded", f"pods are ready but the model is not: {seen.probe.message}"
+        return "Degraded", "Degraded", f"pods are ready but the model is not: {seen.probe.message}"
     if ready < desired:
-        status = seen.deployment.get("status", {})
-        rolling = status.get("updatedReplicas", 0) < desired or progressing[1] in (
-            "ReplicaSetUpdated",
-            "NewReplicaSetCreated",
-            "FoundNewReplicaSet",
-        )
-        phase = "Progressing" if rolling else "Degraded"
-        return phase, f"{ready}/{desired} replicas ready"
+        if pending or progressing[1] in ROLLING_REASONS:
+            return "Progressing", "RolloutInProgress", f"{ready}/{desired} replicas ready"
+        return "Degraded", "Degraded", f"{ready}/{desired} replicas ready"
+    if pending:
+        return "Progressing", "RolloutInProgress", f"rollout in progress: {pending}"
+    available = seen.deployment.get("status", {}).get("availableReplicas", 0) or 0
+    if available < desired:
+        message = f"{available}/{desired} replicas available"
+        return "Progressing", "RolloutInProgress", f"rollout in progress: {message}"
     served = manifests.served_model_name(seen.name, seen.spec)
-    return "Ready", f"{ready}/{desired} replicas ready, serving {served!r}"
+    return "Ready", "Ready", f"{ready}/{desired} replicas ready, serving {served!r}"
 
 
 def _model_ready(seen: Observed, ready: int) -> tuple[str, str, str]:
@@ -94,12 +124,12 @@ def build(seen: Observed, previous: list[dict[str, Any]], now: str) -> dict[str,
     dep_status = (seen.deployment or {}).get("status", {})
     ready = dep_status.get("readyReplicas", 0) or 0
     desired = seen.spec["replicas"]
-    phase, message = _phase(seen, ready, desired)
+    phase, reason, message = _phase(seen, ready, desired)
     wanted = {
         "Available": _mirror(seen.deployment, "Available"),
         "Progressing": _mirror(seen.deployment, "Progressing"),
         "ModelReady": _model_ready(seen, ready),
-        "Ready": ("True" if phase == "Ready" else "False", phase, message),
+        "Ready": ("True" if phase == "Ready" else "False", reason, message),
     }
     conditions = []
     for kind, (status, reason, text) in wanted.items():

@@ -15,6 +15,7 @@ from typing import Any
 import kmock as kmock_lib
 import kopf
 import pytest
+from emulator import ApiServer
 from operator_harness import MD
 from radixserve_operator import handlers
 from radixserve_operator.kube import KubeClient
@@ -23,8 +24,10 @@ from radixserve_operator.reconcile import Reconciler
 
 @pytest.fixture
 def kmock_options(kmock_options: dict[str, Any]) -> dict[str, Any]:
-    """Route the operator's calls to model Services (…svc.cluster.local) to kmock too."""
-    return {**kmock_options, "hostnames": re.compile(r".*\.svc\.cluster\.local")}
+    """kmock with the API server's behaviours the operator needs (emulator.py); calls to
+    model Services (…svc.cluster.local) are routed to it too."""
+    hostnames = re.compile(r".*\.svc\.cluster\.local")
+    return {**kmock_options, "cls": ApiServer, "hostnames": hostnames}
 
 
 @pytest.fixture

@@ -73,11 +73,14 @@ async def patch(cluster: kmock_lib.KubernetesEmulator, path: str, body: dict[str
         assert response.status == 200, await response.text()
 
 
+# What the Deployment controller writes once generation 1 has rolled out to one replica.
 READY_DEPLOYMENT_STATUS = {
     "status": {
+        "observedGeneration": 1,
         "replicas": 1,
         "readyReplicas": 1,
         "updatedReplicas": 1,
+        "availableReplicas": 1,
         "conditions": [
             {"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"},
             {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"},

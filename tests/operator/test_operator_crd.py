@@ -116,20 +116,34 @@ def _rules(schema: dict[str, Any], path: tuple[str, ...] = ()) -> list[tuple[tup
 CEL_RULES = _rules(SCHEMA)
 
 
-def cel_accepts(document: dict[str, Any]) -> bool:
-    """Evaluate every CEL rule of the CRD on the object, as the API server would."""
+def cel_accepts(document: dict[str, Any], old: dict[str, Any] | None = None) -> bool:
+    """Evaluate every CEL rule of the CRD on the object, as the API server would: transition
+    rules (those reading `oldSelf`) only on an update, where the field exists in both."""
     env = celpy.Environment()
-    for path, rule in CEL_RULES:
-        node: Any = document
+
+    def at(root: dict[str, Any] | None, path: tuple[str, ...]) -> Any:
+        node: Any = root
         for key in path:
             if not isinstance(node, dict) or key not in node:
-                break
+                return None
             node = node[key]
-        else:
-            program = env.program(env.compile(rule))
-            if not program.evaluate({"self": celpy.json_to_cel(node)}):
-                return False
+        return node
+
+    for path, rule in CEL_RULES:
+        node, before = at(document, path), at(old, path)
+        if node is None or ("oldSelf" in rule and before is None):
+            continue
+        context = {"self": celpy.json_to_cel(node)}
+        if "oldSelf" in rule:
+            context["oldSelf"] = celpy.json_to_cel(before)
+        if not env.program(env.compile(rule)).evaluate(context):
+            return False
     return True
+
+
+def named(spec: dict[str, Any], name: str = "demo") -> dict[str, Any]:
+    """A ModelDeployment as the API server validates it: defaulted, with its name."""
+    return {"metadata": {"name": name}, "spec": specs.with_defaults(spec)}
 
 
 CROSS_FIELD = {
@@ -142,25 +156,84 @@ CROSS_FIELD = {
     "extra args set the drain": {
         "engine": {"extraArgs": ["--log-level", "debug", "--shutdown-timeout=5"]}
     },
+    # ReadWriteOnce mounts on one node: a second replica elsewhere fails with Multi-Attach.
+    "rwo cache with autoscaling": {"modelCache": {}, "autoscaling": {"maxReplicas": 4}},
+    "rwo cache with replicas": {"modelCache": {"accessMode": "ReadWriteOnce"}, "replicas": 2},
+    "rwop cache with replicas": {"modelCache": {"accessMode": "ReadWriteOncePod"}, "replicas": 3},
 }
 
 
 def test_cel_rules_are_all_exercised() -> None:
-    assert len(CEL_RULES) == 4
+    assert len(CEL_RULES) == 7
 
 
 @pytest.mark.parametrize("case", CROSS_FIELD)
 def test_cel_and_the_operator_reject_the_same_cross_field_mistakes(case: str) -> None:
     # The API server defaults before it validates; so does this test.
-    document = {"spec": specs.with_defaults(CROSS_FIELD[case])}
+    document = named(CROSS_FIELD[case])
     assert not cel_accepts(document)
     assert specs.problems(document["spec"])
 
 
 def test_cel_and_the_operator_accept_flags_that_only_look_alike() -> None:
-    document = {"spec": specs.with_defaults({"engine": {"extraArgs": ["--portal", "x=--port"]}})}
+    document = named({"engine": {"extraArgs": ["--portal", "x=--port"]}})
     assert cel_accepts(document)
     assert specs.problems(document["spec"]) == []
+
+
+def test_a_shared_cache_or_a_single_replica_may_use_its_access_mode() -> None:
+    for spec in (
+        {"modelCache": {"accessMode": "ReadWriteMany"}, "autoscaling": {"maxReplicas": 4}},
+        {"modelCache": {}, "replicas": 1},
+        {"modelCache": {}, "autoscaling": {"minReplicas": 1, "maxReplicas": 1}},
+    ):
+        assert cel_accepts(named(spec)), spec
+        assert specs.problems(named(spec)["spec"]) == [], spec
+
+
+# Valid custom-resource names (DNS-1123 subdomains) that no Service may carry.
+BAD_NAMES = ["llama-3.1-8b", "3b-instruct", "a" * 64, "qwen3.coder", "trailing-"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_names_a_service_cannot_carry_are_refused_with_the_reason(name: str) -> None:
+    assert not cel_accepts(named({}, name))
+    (problem,) = specs.problems(named({}, name)["spec"], name)
+    assert "DNS-1035 label" in problem and "Service is named after it" in problem
+    suggested = problem.rsplit("e.g. ", 1)[1].strip("'")
+    assert specs.name_problems(suggested) == []
+    rule = next(r for r in SCHEMA["x-kubernetes-validations"] if "metadata.name" in r["rule"])
+    assert "Service is named after it" in rule["message"]
+
+
+@pytest.mark.parametrize("name", ["llama-3-1-8b", "m", "qwen3-32b", "a" * 63])
+def test_names_that_are_dns_1035_labels_are_accepted(name: str) -> None:
+    assert cel_accepts(named({}, name))
+    assert specs.problems(named({}, name)["spec"], name) == []
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"accessMode": "ReadWriteOncePod"},
+        {"storageClassName": "fast"},
+    ],
+)
+def test_the_cache_claims_immutable_fields_cannot_change(change: dict[str, str]) -> None:
+    before = named({"modelCache": {"size": "10Gi", "accessMode": "ReadWriteOnce"}})
+    after = copy.deepcopy(before)
+    after["spec"]["modelCache"].update(change)
+    assert cel_accepts(before) and cel_accepts(after)  # each fine as a new object
+    assert not cel_accepts(after, old=before)
+    grown = copy.deepcopy(before)
+    grown["spec"]["modelCache"]["size"] = "20Gi"  # a PVC may grow: not refused here
+    assert cel_accepts(grown, old=before)
+
+
+def test_removing_a_storage_class_is_a_change_too() -> None:
+    before = named({"modelCache": {"storageClassName": "fast"}})
+    after = named({"modelCache": {}})
+    assert not cel_accepts(after, old=before)
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -168,6 +241,7 @@ def test_cel_accepts_the_examples(path: pathlib.Path) -> None:
     document = yaml.safe_load(path.read_text())
     document["spec"] = specs.with_defaults(document["spec"])
     assert cel_accepts(document)
+    assert cel_accepts(document, old=document)  # re-applying it unchanged is allowed
 
 
 def test_defaults_come_from_the_schema() -> None:

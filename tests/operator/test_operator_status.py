@@ -10,17 +10,29 @@ from radixserve_operator import manifests, reconcile, status
 from radixserve_operator.spec import with_defaults
 
 
-def deployment(ready: int, replicas: int, progressing: str = "NewReplicaSetAvailable") -> dict:
+def deployment(
+    ready: int,
+    replicas: int,
+    progressing: str = "NewReplicaSetAvailable",
+    generation: int = 1,
+    observed: int = 1,
+    updated: int | None = None,
+    total: int | None = None,
+) -> dict:
+    """A Deployment as its controller reports it (kmock runs no controller)."""
     return {
+        "metadata": {"generation": generation},
         "status": {
-            "replicas": replicas,
+            "observedGeneration": observed,
+            "replicas": replicas if total is None else total,
             "readyReplicas": ready,
-            "updatedReplicas": replicas,
+            "availableReplicas": ready,
+            "updatedReplicas": replicas if updated is None else updated,
             "conditions": [
                 {"type": "Available", "status": "True" if ready else "False", "reason": "R"},
                 {"type": "Progressing", "status": "True", "reason": progressing, "message": "m"},
             ],
-        }
+        },
     }
 
 
@@ -84,26 +96,73 @@ def test_status_carries_what_kubectl_and_the_hpa_read() -> None:
     assert (built["replicas"], built["readyReplicas"], built["observedGeneration"]) == (2, 2, 3)
 
 
-def test_covers_ignores_server_added_fields_but_not_changes() -> None:
-    desired = {"spec": {"replicas": 2, "template": {"containers": [{"name": "s", "args": ["a"]}]}}}
+def ready_condition(built: dict) -> dict:
+    return next(c for c in built["conditions"] if c["type"] == "Ready")
+
+
+def test_a_spec_change_not_yet_observed_is_a_rollout_not_ready() -> None:
+    """Right after a spec change the old pods are all ready, but they run the old spec."""
+    built = status.build(observe(deployment(1, 1, generation=2, observed=1)), [], "t")
+    assert built["phase"] == "Progressing"
+    ready = ready_condition(built)
+    assert (ready["status"], ready["reason"]) == ("False", "RolloutInProgress")
+    assert "generation 2" in built["message"]
+
+
+@pytest.mark.parametrize(
+    ("dep", "why"),
+    [
+        # maxSurge 1: the new pod is up, the old one still serves (3 pods for 2 desired).
+        (deployment(2, 2, "ReplicaSetUpdated", 2, 2, updated=1, total=3), "1/2 replicas run"),
+        (deployment(2, 2, "ReplicaSetUpdated", 2, 2, updated=2, total=3), "previous spec"),
+    ],
+)
+def test_a_surge_rollout_is_not_ready_until_only_new_pods_serve(dep: dict, why: str) -> None:
+    built = status.build(observe(dep, 2), [], "t")
+    assert built["phase"] == "Progressing" and why in built["message"]
+    assert ready_condition(built)["reason"] == "RolloutInProgress"
+
+
+def test_ready_pods_not_yet_available_are_still_rolling_out() -> None:
+    dep = deployment(1, 1)
+    dep["status"]["availableReplicas"] = 0  # minReadySeconds not passed yet
+    assert status.build(observe(dep), [], "t")["phase"] == "Progressing"
+
+
+def test_rolled_out_is_ready() -> None:
+    built = status.build(observe(deployment(2, 2, generation=2, observed=2), 2), [], "t")
+    assert built["phase"] == "Ready"
+    assert (ready_condition(built)["status"], ready_condition(built)["reason"]) == ("True", "Ready")
+
+
+def test_same_object_ignores_bookkeeping_but_not_changes() -> None:
     live = {
-        "metadata": {"uid": "u"},
-        "spec": {"replicas": 2, "template": {"containers": [{"name": "s", "args": ["a"], "x": 1}]}},
+        "metadata": {"name": "d", "resourceVersion": "5", "generation": 2, "managedFields": [1]},
+        "spec": {"replicas": 2, "cpu": "500m"},
+        "status": {"readyReplicas": 2},
     }
-    assert reconcile.covers(live, desired)
-    live["spec"]["replicas"] = 7
-    assert not reconcile.covers(live, desired)
-    assert reconcile.covers({"cpu": "2"}, {"cpu": 2})  # quantities come back as strings
+    would_be = {
+        "metadata": {"name": "d", "resourceVersion": "5", "generation": 2, "managedFields": [2]},
+        "spec": {"replicas": 2, "cpu": "500m"},
+        "status": {"readyReplicas": 2},
+    }
+    assert reconcile.same_object(live, would_be)
+    would_be["spec"]["replicas"] = 3
+    assert not reconcile.same_object(live, would_be)
 
 
-def test_merge_patch_deletes_what_the_last_apply_set_and_this_one_does_not() -> None:
-    before = with_defaults({"nodeSelector": {"pool": "gpu"}})
-    after = with_defaults({})
-    live = reconcile.with_last_applied(manifests.deployment("demo", "ml", before))
-    desired = reconcile.with_last_applied(manifests.deployment("demo", "ml", after))
-    patch = reconcile.merge_patch(live, desired)
-    assert patch["spec"]["template"]["spec"]["nodeSelector"] is None
-    assert patch["spec"]["replicas"] == 1
+def test_a_pvc_access_mode_change_is_named_instead_of_patched() -> None:
+    spec = with_defaults({"modelCache": {"size": "10Gi"}})
+    live = manifests.model_cache_pvc("demo", "ml", spec)
+    assert reconcile.pvc_immutable_change(live, live) is None
+    changed = with_defaults({"modelCache": {"size": "10Gi", "accessMode": "ReadWriteMany"}})
+    why = reconcile.pvc_immutable_change(live, manifests.model_cache_pvc("demo", "ml", changed))
+    assert why and "modelCache.accessMode cannot change" in why and "delete the PVC" in why
+    bigger = with_defaults({"modelCache": {"size": "20Gi"}})
+    assert (
+        reconcile.pvc_immutable_change(live, manifests.model_cache_pvc("demo", "ml", bigger))
+        is None
+    )
 
 
 def test_schema_validation_would_catch_a_broken_manifest() -> None:
