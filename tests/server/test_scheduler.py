@@ -10,7 +10,7 @@ import pytest
 import torch
 from radixserve.config import ServerArgs
 from radixserve.engine.engine_process import eos_token_ids
-from radixserve.engine.io_struct import TokenizedGenerateReq
+from radixserve.engine.io_struct import FinishAbort, FinishLength, FinishStop, TokenizedGenerateReq
 from radixserve.engine.model_runner import ModelRunner
 from radixserve.engine.sampling_params import SamplingParams
 from radixserve.engine.scheduler import Scheduler
@@ -122,7 +122,7 @@ def test_retraction_under_a_tiny_pool_keeps_outputs(env, one_at_a_time):
     result = run(sched, [(p, GREEDY) for p in env[3]])
     assert sched.stats.num_retractions > 0
     assert tokens(result) == one_at_a_time
-    assert all(r["finish"]["type"] == "length" for r in result.values())
+    assert all(r["finish"].type == "length" for r in result.values())
 
 
 def test_max_running_requests_caps_the_batch(env, one_at_a_time):
@@ -177,7 +177,7 @@ def test_abort_frees_slots_at_once(env):
     assert sched.cache.protected_size > 0
     sched.abort("a")
     outs = sched.step()
-    assert [o.finish_reason["type"] for o in outs] == ["abort"]
+    assert [o.finish_reason for o in outs] == [FinishAbort("aborted")]
     assert not sched.has_work()
     assert_pool_whole(sched)
 
@@ -190,14 +190,14 @@ def test_stop_token_ids_and_stop_strings(env, one_at_a_time):
         make(env),
         [(env[3][0], SamplingParams(max_new_tokens=16, temperature=0, stop_token_ids=[stop_id]))],
     )["r0"]
-    assert res["finish"] == {"type": "stop", "matched": stop_id}
+    assert res["finish"] == FinishStop(stop_id)
     assert res["ids"] == want[: want.index(stop_id) + 1]
     text = tok.decode(want)
     stop = text.split()[2]
     res = run(
         make(env), [(env[3][0], SamplingParams(max_new_tokens=16, temperature=0, stop=[stop]))]
     )["r0"]
-    assert res["finish"] == {"type": "stop", "matched": stop}
+    assert res["finish"] == FinishStop(stop)
     assert stop in tok.decode(res["ids"]) and len(res["ids"]) < len(want)
 
 
@@ -220,9 +220,9 @@ def test_bad_requests_finish_with_a_reason_instead_of_crashing(env):
     res = run(
         sched, [([], GREEDY), ([10**7], GREEDY), (env[3][0], SamplingParams(max_new_tokens=0))]
     )
-    assert res["r0"]["finish"]["type"] == "abort"
-    assert "vocabulary" in res["r1"]["finish"]["message"]
-    assert res["r2"]["finish"]["type"] == "length" and res["r2"]["ids"] == []
+    assert res["r0"]["finish"] == FinishAbort("empty prompt")
+    assert "vocabulary" in res["r1"]["finish"].message
+    assert res["r2"]["finish"] == FinishLength() and res["r2"]["ids"] == []
 
 
 def test_constrained_requests_leave_unconstrained_greedy_tokens_alone(env, one_at_a_time):

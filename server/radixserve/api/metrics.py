@@ -138,7 +138,7 @@ class SequenceTimer:
             self.last = now
         if chunk.finish_reason is not None and not self.done:
             self.done = True
-            reason = chunk.finish_reason.get("type", "unknown")
+            reason = chunk.finish_reason.type
             self.m.e2e.observe(now - self.arrival)
             self.m.finished.labels(reason).inc()
             if self.m.log_requests:

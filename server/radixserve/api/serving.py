@@ -25,6 +25,7 @@ from starlette.responses import StreamingResponse
 from radixserve.api.app import ServerState
 from radixserve.api.errors import APIError, bad_request, error_body, from_value_error
 from radixserve.engine.client import EngineError, GenerateChunk
+from radixserve.engine.io_struct import FinishAbort
 from radixserve.engine.sampling_params import SamplingParams
 
 DONE = "data: [DONE]\n\n"
@@ -278,9 +279,10 @@ async def _tracked(
                 state.active_rids.add(rid)
                 slot.started()
             chunk.index = index
-            status = (chunk.finish_reason or {}).get("status_code")
-            if status:  # the engine refused the request itself (e.g. a grammar that won't compile)
-                raise APIError(status, chunk.finish_reason.get("message", "bad request"))
+            fr = chunk.finish_reason
+            if isinstance(fr, FinishAbort) and fr.status_code:
+                # the engine refused the request itself (e.g. a grammar that won't compile)
+                raise APIError(fr.status_code, fr.message)
             timer.on_chunk(chunk)
             yield chunk
     finally:
@@ -373,7 +375,7 @@ def finish_reason(chunk: GenerateChunk) -> tuple[str | None, int | str | None]:
     fr = chunk.finish_reason
     if fr is None:
         return None, None
-    return fr.get("type"), fr.get("matched")
+    return fr.type, fr.matched_stop
 
 
 def usage_of(finals_or_chunks: list[GenerateChunk], n: int) -> dict[str, Any]:

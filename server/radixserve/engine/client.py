@@ -33,6 +33,9 @@ from radixserve.engine.io_struct import (
     EngineFailed,
     EngineReady,
     EngineStats,
+    FinishAbort,
+    FinishReason,
+    FinishStop,
     FlushCacheReq,
     ReqOutput,
     ShutdownReq,
@@ -44,7 +47,7 @@ from radixserve.engine.tp_worker import local_ranks, start_rank_processes
 
 logger = logging.getLogger(__name__)
 
-TIMED_OUT = {"type": "abort", "message": "request timed out"}
+TIMED_OUT = FinishAbort("request timed out")
 
 
 class EngineError(RuntimeError):
@@ -63,7 +66,7 @@ class GenerateChunk:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
-    finish_reason: dict | None
+    finish_reason: FinishReason | None
     # per new token: (token_id, logprob, [(alt_id, alt_logprob), ...])
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
     index: int = 0
@@ -75,7 +78,7 @@ class GenerateChunk:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "cached_tokens": self.cached_tokens,
-            "finish_reason": self.finish_reason,
+            "finish_reason": None if self.finish_reason is None else self.finish_reason.to_json(),
         }
 
 
@@ -331,7 +334,7 @@ class EngineClient:
                         new_token_ids=[],
                         logprobs=None,
                         queue_time=None,
-                        finish_reason=dict(TIMED_OUT),
+                        finish_reason=TIMED_OUT,
                     )
                 else:
                     engine_done = out.finish_reason is not None
@@ -345,9 +348,13 @@ class EngineClient:
                     detok.flush()
                 text = detok.text
                 self.detokenize_s += time.perf_counter() - t0
-                matched = (out.finish_reason or {}).get("matched")
-                if isinstance(matched, str) and matched in text:
-                    text = text[: text.index(matched)]
+                fr = out.finish_reason
+                if (
+                    isinstance(fr, FinishStop)
+                    and isinstance(fr.matched, str)
+                    and fr.matched in text
+                ):
+                    text = text[: text.index(fr.matched)]
                 visible = len(text) if finished else max(emitted, len(text) - hold)
                 lps = []
                 if out.logprobs:

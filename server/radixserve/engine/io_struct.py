@@ -6,8 +6,65 @@ One dataclass per message; the engine never sees text, only token ids.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from radixserve.engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class FinishReason:
+    """Why a request ended. Its wire shapes are written here only: `to_json` is SGLang's
+    meta_info form, `type` OpenAI's finish_reason and `matched_stop` SGLang's matched_stop."""
+
+    type: ClassVar[str]
+
+    @property
+    def matched_stop(self) -> int | str | None:
+        return None
+
+    def to_json(self) -> dict:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class FinishStop(FinishReason):
+    """A stop token id, stop string or a grammar's end matched."""
+
+    matched: int | str
+    type: ClassVar[str] = "stop"
+
+    @property
+    def matched_stop(self) -> int | str:
+        return self.matched
+
+    def to_json(self) -> dict:
+        return {"type": self.type, "matched": self.matched}
+
+
+@dataclass(frozen=True)
+class FinishLength(FinishReason):
+    """max_tokens, the context length or the KV pool ran out."""
+
+    type: ClassVar[str] = "length"
+
+    def to_json(self) -> dict:
+        return {"type": self.type, "matched": None}
+
+
+@dataclass(frozen=True)
+class FinishAbort(FinishReason):
+    """Aborted, timed out or refused; `status_code` is set when the engine refused a bad
+    request, which the API then answers with that HTTP status instead of a finish."""
+
+    message: str
+    status_code: int | None = None
+    type: ClassVar[str] = "abort"
+
+    def to_json(self) -> dict:
+        out: dict = {"type": self.type, "message": self.message}
+        if self.status_code is not None:
+            out["status_code"] = self.status_code
+        return out
 
 
 @dataclass
@@ -44,7 +101,7 @@ class ReqOutput:
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
-    finish_reason: dict | None = None
+    finish_reason: FinishReason | None = None
     # per new token: (logprob, [(token_id, logprob), ...] top alternatives)
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
     queue_time: float | None = None  # arrival to first admission, on the first output only

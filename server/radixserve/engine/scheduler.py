@@ -22,7 +22,15 @@ from dataclasses import dataclass, field
 import torch
 
 from radixserve.config import ServerArgs
-from radixserve.engine.io_struct import EngineStats, ReqOutput, TokenizedGenerateReq
+from radixserve.engine.io_struct import (
+    EngineStats,
+    FinishAbort,
+    FinishLength,
+    FinishReason,
+    FinishStop,
+    ReqOutput,
+    TokenizedGenerateReq,
+)
 from radixserve.engine.model_runner import ModelRunner
 from radixserve.engine.radix_cache import NoPrefixCache, RadixCache, TreeNode
 from radixserve.engine.sampler import SamplingRow, sample
@@ -35,6 +43,8 @@ logger = logging.getLogger(__name__)
 NEW_TOKEN_RATIO = 0.3
 MAX_RESERVE_PER_REQ = 1024
 LPM_MAX_WAITING = 128  # beyond this, prefix matching every waiting request costs too much
+KV_TOO_SMALL = "KV cache too small for this request"
+ABORTED = FinishAbort("aborted")
 
 
 @dataclass
@@ -52,7 +62,7 @@ class Req:
     arrived: float = field(default_factory=time.monotonic)
     queue_time: float | None = None
     queue_time_sent: bool = False
-    finished_reason: dict | None = None
+    finished_reason: FinishReason | None = None
     sent_len: int = 0
     logprobs: list = field(default_factory=list)
 
@@ -146,52 +156,48 @@ class Scheduler:
                 still.append((req, fut))
             elif fut.exception() is not None:
                 req.cached_tokens = 0
-                self._finish(
-                    req, {"type": "abort", "message": str(fut.exception()), "status_code": 400}
-                )
+                self._finish(req, FinishAbort(str(fut.exception()), status_code=400))
             else:
                 req.row.grammar = self._grammar_backend.matcher(fut.result())
                 self.waiting.append(req)
         self.grammar_wait = still
 
-    def _reject_reason(self, req: Req) -> dict | None:
+    def _reject_reason(self, req: Req) -> FinishReason | None:
         n = len(req.origin_input_ids)
         if n == 0:
-            return {"type": "abort", "message": "empty prompt"}
+            return FinishAbort("empty prompt")
         if req.params.max_new_tokens == 0:
-            return {"type": "length", "matched": None}
+            return FinishLength()
         if n >= self.runner.context_length:
-            return {
-                "type": "abort",
-                "message": f"prompt of {n} tokens does not fit the context length {self.runner.context_length}",
-            }
+            return FinishAbort(
+                f"prompt of {n} tokens does not fit the context length {self.runner.context_length}"
+            )
         if n + 1 > self.pool.size:
-            return {
-                "type": "abort",
-                "message": f"prompt of {n} tokens does not fit the KV cache of {self.pool.size} tokens",
-            }
+            return FinishAbort(
+                f"prompt of {n} tokens does not fit the KV cache of {self.pool.size} tokens"
+            )
         bad = [t for t in req.origin_input_ids if not 0 <= t < self.runner.vocab_size]
         if bad:
-            return {"type": "abort", "message": f"token id {bad[0]} is outside the vocabulary"}
+            return FinishAbort(f"token id {bad[0]} is outside the vocabulary")
         return None
 
     def abort(self, rid: str) -> None:
         for req, fut in self.grammar_wait:
             if req.rid == rid:
                 self.grammar_wait.remove((req, fut))
-                self._finish(req, {"type": "abort", "message": "aborted"})
+                self._finish(req, ABORTED)
                 return
         for req in list(self.waiting):
             if req.rid == rid:
                 self.waiting.remove(req)
-                self._finish(req, {"type": "abort", "message": "aborted"})
+                self._finish(req, ABORTED)
                 return
         for req in self.running:
             if req.rid == rid and req.finished_reason is None:
                 self.running.remove(req)
                 if self.chunked is req:
                     self.chunked = None
-                self._finish(req, {"type": "abort", "message": "aborted"})
+                self._finish(req, ABORTED)
                 return
 
     def flush_cache(self) -> bool:
@@ -235,10 +241,7 @@ class Scheduler:
             time.sleep(0.001)  # only compiles are pending: don't spin the core they need
         elif self.waiting and not self.running:
             # nothing holds memory and still the head request cannot start: it never will
-            self._finish(
-                self.waiting.popleft(),
-                {"type": "abort", "message": "KV cache too small for this request"},
-            )
+            self._finish(self.waiting.popleft(), FinishAbort(KV_TOO_SMALL))
         t_out = time.perf_counter()
         outputs, self.finished_outputs = self.finished_outputs, []
         for req in self.running:
@@ -264,7 +267,7 @@ class Scheduler:
             if self.running == [victim]:
                 # alone and still out of memory: its sequence is longer than the pool
                 self.running.remove(victim)
-                self._finish(victim, {"type": "length", "matched": None})
+                self._finish(victim, FinishLength())
                 break
             self._retract(victim)
         return decode
@@ -288,9 +291,7 @@ class Scheduler:
                 if self.running == [req]:
                     self.running.remove(req)
                     self.chunked = None
-                    self._finish(
-                        req, {"type": "abort", "message": "KV cache too small for this request"}
-                    )
+                    self._finish(req, FinishAbort(KV_TOO_SMALL))
                 return chosen
             req.slots = torch.cat([req.slots, new])
             chosen.append((req, n))
@@ -435,7 +436,7 @@ class Scheduler:
             if req.row.grammar is not None and reason is None:
                 req.row.grammar.accept_token(tok)
                 if req.row.grammar.is_terminated():
-                    reason = {"type": "stop", "matched": tok}
+                    reason = FinishStop(tok)
             if reason is not None:
                 self._finish(req, reason)
         self.stats.time_output_s += time.perf_counter() - t2
@@ -461,18 +462,18 @@ class Scheduler:
         for req in newest if len(decode) > 1 else []:
             self._retract(req)
 
-    def _check_finished(self, req: Req, tok: int) -> dict | None:
+    def _check_finished(self, req: Req, tok: int) -> FinishReason | None:
         p = req.params
         n_out = len(req.output_ids)
         if n_out >= p.min_new_tokens:
             if tok in req.row.stop_ids:
-                return {"type": "stop", "matched": tok}
+                return FinishStop(tok)
             if p.stop:
                 matched = self._match_stop_string(req)
                 if matched is not None:
-                    return {"type": "stop", "matched": matched}
+                    return FinishStop(matched)
         if n_out >= p.max_new_tokens or len(req.fill_ids) >= self.runner.context_length:
-            return {"type": "length", "matched": None}
+            return FinishLength()
         return None
 
     def _match_stop_string(self, req: Req) -> str | None:
@@ -486,7 +487,7 @@ class Scheduler:
                 return s
         return None
 
-    def _finish(self, req: Req, reason: dict) -> None:
+    def _finish(self, req: Req, reason: FinishReason) -> None:
         req.finished_reason = reason
         if req.slots.numel():
             self.cache.cache_finished(req)
