@@ -1,0 +1,204 @@
+"""Rollout-honest status, refused names, failed children, server-side apply and watches,
+with the operator (kopf) running against the emulator (emulator.py).
+
+kmock runs no controllers: where a Deployment controller's status matters, the test writes
+it, as the controller would; the API server's own behaviour (generation, apply, label
+selectors, refusals) is the emulator's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from operator_harness import (
+    DEPLOY_PATH,
+    DEPLOYMENTS,
+    MD,
+    MD_PATH,
+    NS,
+    READY_DEPLOYMENT_STATUS,
+    absent,
+    eventually,
+    model_deployment,
+    obj,
+    patch,
+)
+
+MODELS = {"object": "list", "data": [{"id": "demo", "object": "model"}]}
+
+
+def condition(status: dict, kind: str) -> dict:
+    return next(c for c in status["conditions"] if c["type"] == kind)
+
+
+async def ready(cluster, **spec) -> None:
+    cluster["get /health"] << {"status": "ok"}
+    cluster["get /v1/models"] << MODELS
+    cluster.objects[MD, NS, "demo"] = model_deployment(**spec)
+    await eventually(lambda: obj(cluster, DEPLOYMENTS))
+    await patch(cluster, f"{DEPLOY_PATH}/demo/status", READY_DEPLOYMENT_STATUS)
+    await eventually(lambda: obj(cluster, MD)["status"]["phase"] == "Ready")
+
+
+async def test_a_spec_change_is_not_ready_until_the_deployment_rolled_it_out(
+    cluster, operator
+) -> None:
+    await ready(cluster)
+
+    await patch(
+        cluster,
+        f"{MD_PATH}/demo",
+        {"metadata": {"generation": 2}, "spec": {"engine": {"contextLength": 4096}}},
+    )
+    # The API server bumped the Deployment's generation; its controller has not caught up,
+    # so the old pod is still the one that is ready.
+    await eventually(lambda: obj(cluster, DEPLOYMENTS)["metadata"]["generation"] == 2)
+    status = await eventually(
+        lambda: (s := obj(cluster, MD)["status"])["observedGeneration"] == 2 and s
+    )
+    assert status["phase"] == "Progressing"
+    assert (condition(status, "Ready")["status"], condition(status, "Ready")["reason"]) == (
+        "False",
+        "RolloutInProgress",
+    )
+
+    # A surge rollout (new pod up, old one still serving) is covered by the pure status
+    # tests in test_operator_status.py.
+
+
+async def test_a_name_no_service_may_carry_fails_with_the_reason(cluster, operator) -> None:
+    cluster.objects[MD, NS, "llama-3.1-8b"] = model_deployment("llama-3.1-8b")
+
+    status = await eventually(lambda: obj(cluster, MD, "llama-3.1-8b").get("status"))
+    assert status["phase"] == "Failed"
+    assert "DNS-1035 label" in status["message"] and "'llama-3-1-8b'" in status["message"]
+    assert absent(cluster, DEPLOYMENTS, "llama-3.1-8b")
+
+
+async def test_a_refused_child_is_reported_and_the_others_still_apply(cluster, operator) -> None:
+    def refuse_services(request, live, new):
+        # As the API server would refuse a Service it cannot admit.
+        if new.get("kind") == "Service":
+            return 422, 'Service "demo" is invalid: metadata.name: Invalid value'
+
+    cluster.admission.append(refuse_services)
+    cluster.objects[MD, NS, "demo"] = model_deployment()
+
+    status = await eventually(
+        lambda: (s := obj(cluster, MD).get("status")) and s["phase"] == "Degraded" and s
+    )
+    assert "applying Service demo: 422" not in status["message"]  # the words, not a code
+    assert 'applying Service demo: Service "demo" is invalid' in status["message"]
+    assert not absent(cluster, DEPLOYMENTS)
+    assert not absent(cluster, "policy/v1/poddisruptionbudgets")
+    assert absent(cluster, "v1/services")
+
+
+async def test_an_immutable_cache_change_does_not_stop_reconciling(cluster, operator) -> None:
+    cluster.objects[MD, NS, "demo"] = model_deployment(
+        model={"huggingFace": {"repo": "HuggingFaceTB/SmolLM2-135M-Instruct"}},
+        modelCache={"size": "10Gi"},
+    )
+    await eventually(lambda: obj(cluster, "v1/persistentvolumeclaims", "demo-model-cache"))
+
+    # Admission off (objects from before the CEL rule): the operator itself must cope.
+    await patch(
+        cluster,
+        f"{MD_PATH}/demo",
+        {
+            "metadata": {"generation": 2},
+            "spec": {"replicas": 2, "modelCache": {"accessMode": "ReadWriteMany"}},
+        },
+    )
+
+    await eventually(lambda: obj(cluster, DEPLOYMENTS)["spec"]["replicas"] == 2)
+    status = await eventually(
+        lambda: (s := obj(cluster, MD)["status"])["phase"] == "Degraded" and s
+    )
+    assert "modelCache.accessMode cannot change" in status["message"]
+    pvc = obj(cluster, "v1/persistentvolumeclaims", "demo-model-cache")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+
+def writes(cluster) -> list[str]:
+    """The operator's writes to children (not dry runs) so far."""
+    return [
+        f"{r.method} {r.url.path}"
+        for r in cluster
+        if r.headers.get("User-Agent", "") == "radixserve-operator"
+        and str(r.method.value).upper() in ("POST", "PUT", "PATCH", "DELETE")
+        and r.params.get("dryRun") != "All"
+        and "/modeldeployments/" not in r.url.path
+    ]
+
+
+async def test_a_resync_of_an_unchanged_model_sends_no_write(cluster, operator) -> None:
+    # "0.5" is stored as "500m" by the API server: a client-side comparison never matched.
+    await ready(cluster, resources={"requests": {"cpu": "0.5", "memory": "1Gi"}})
+    deployment = obj(cluster, DEPLOYMENTS)
+    assert (
+        deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"]
+        == "500m"
+    )
+    await asyncio.sleep(1.0)
+    before = len(writes(cluster))
+
+    await asyncio.sleep(2.0)  # four resyncs
+
+    assert writes(cluster)[before:] == []
+
+
+async def test_fields_another_controller_added_survive_the_apply(cluster, operator) -> None:
+    await ready(cluster)
+    # Another controller (a mesh injector) adds a sidecar with its own apply.
+    live = obj(cluster, DEPLOYMENTS)
+    sidecar = {"name": "mesh-proxy", "image": "proxy:1"}
+    live["spec"]["template"]["spec"]["containers"].append(sidecar)
+    cluster.objects[DEPLOYMENTS, NS, "demo"].history.append(live)
+
+    await patch(
+        cluster, f"{MD_PATH}/demo", {"metadata": {"generation": 2}, "spec": {"replicas": 2}}
+    )
+
+    await eventually(lambda: obj(cluster, DEPLOYMENTS)["spec"]["replicas"] == 2)
+    names = [c["name"] for c in obj(cluster, DEPLOYMENTS)["spec"]["template"]["spec"]["containers"]]
+    assert names == ["server", "mesh-proxy"]
+
+
+@pytest.fixture
+def crowded(cluster):
+    """1,000 Deployments the operator has nothing to do with, there before it starts."""
+    for index in range(1000):
+        name = f"other-{index}"
+        cluster.objects[DEPLOYMENTS, NS, name] = {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name, "namespace": NS, "labels": {"app": name}},
+            "spec": {"replicas": 1, "template": {"spec": {"containers": [{"name": "c"}]}}},
+        }
+    return cluster
+
+
+async def test_child_watches_are_filtered_by_the_api_server(crowded, operator) -> None:
+    cluster = crowded
+    cluster.objects[MD, NS, "demo"] = model_deployment()
+    await eventually(lambda: obj(cluster, DEPLOYMENTS))
+    await asyncio.sleep(1.0)
+
+    child_reads = [
+        r
+        for r in cluster
+        if r.headers.get("User-Agent", "").startswith("kopf/")
+        and r.url.path.endswith(("/deployments", "/services"))
+    ]
+    assert child_reads
+    for request in child_reads:
+        assert request.params.get("labelSelector") == (
+            "app.kubernetes.io/managed-by=radixserve-operator"
+        )
+    delivered = sum(
+        n for resource, n in cluster.delivered.items() if "plural='deployments'" in resource
+    )
+    # Only the operator's own Deployment crossed the wire (its events), none of the 1,000.
+    assert delivered <= 5, cluster.delivered
