@@ -280,3 +280,20 @@ def test_hpa_scales_the_model_deployment_on_a_radixserve_metric() -> None:
     (metric,) = hpa["spec"]["metrics"]
     assert metric["pods"]["metric"]["name"] == "radixserve_num_queue_reqs"
     assert metric["pods"]["target"] == {"type": "AverageValue", "averageValue": "2"}
+
+
+def test_progress_deadline_outlasts_the_startup_budget() -> None:
+    """A slow first load must not read as a stalled rollout (Kubernetes' default is 600 s)."""
+    dep = manifests.deployment("demo", "ml", with_defaults({}))
+    assert dep["spec"]["progressDeadlineSeconds"] == 10 * 180 + 600
+    slow = with_defaults({"probes": {"startup": {"failureThreshold": 360}}})
+    assert manifests.deployment("demo", "ml", slow)["spec"]["progressDeadlineSeconds"] == 4200
+
+
+def test_liveness_has_its_own_endpoint_and_readiness_stays_strict() -> None:
+    container = manifests.deployment("demo", "ml", with_defaults({}))["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health/live"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert container["startupProbe"]["httpGet"]["path"] == "/health"
