@@ -41,10 +41,12 @@ class ServerArgs:
     )
     quantization: str = _f(
         "auto",
-        "weight-only int4 (and an int8 LM head) for decode batches of up to 8 on the CPU; "
-        "auto = int4 when the model is a 4-bit GGUF (Q4_0/Q4_1/Q4_K: packs without loss) "
-        "served in bfloat16 on the CPU",
-        ("auto", "none", "int4"),
+        "CPU weight quantization: int4 = weight-only int4 for decode batches of up to 8 "
+        "(exact for a Q4 GGUF, bfloat16 activations); int8 = int8 weights and dynamic int8 "
+        "activations (fbgemm) for every batch and the LM head; auto = chosen per CPU class "
+        "(int4 where bfloat16 is native, int8 on AVX2/AVX-512 without bfloat16, none for an "
+        "explicit float32: the exact mode); see docs/engine.md",
+        ("auto", "none", "int4", "int8"),
     )
     cpu_threads: int = _f(
         0, "torch threads of each CPU engine process; 0 = this node's cores over its ranks"

@@ -1,6 +1,7 @@
-"""Weight-only int4 for small CPU batches: the packing is exact for weights on a 4-bit grid
-(what a Q4 GGUF holds), batches above the threshold keep the dense path, `auto` picks int4
-only where it loses nothing, and the default model still answers correctly with it."""
+"""CPU quantization: weight-only int4 for small batches (exact for weights on a 4-bit grid,
+what a Q4 GGUF holds; batches above the threshold keep the dense path) and fbgemm's
+dynamic int8 for every batch; `auto` picks per CPU class, and the default model answers
+correctly with what it picks on this machine."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from radixserve.config import ServerArgs
+from radixserve.engine import cpu_path
 from radixserve.engine.engine_process import eos_token_ids
 from radixserve.engine.io_struct import TokenizedGenerateReq
 from radixserve.engine.model_runner import ModelRunner, resolve_quantization
@@ -20,6 +22,7 @@ from radixserve.layers.linear import (
     VocabParallelEmbedding,
     lm_logits,
     pack_int4,
+    pack_int8_dynamic,
 )
 from radixserve.models.loader import default_model_path, load_tokenizer, resolve_model
 
@@ -82,22 +85,80 @@ def test_int8_head_scores_small_batches_close_to_dense():
     assert torch.equal(lm_logits(hidden.repeat(8, 1), head)[:2], dense)  # big batch: dense
 
 
+needs_fbgemm = pytest.mark.skipif(
+    pack_int8_dynamic(torch.ones(8, 8)) is None, reason="fbgemm (x86 with AVX2) not available"
+)
+
+
+@needs_fbgemm
+def test_int8_linear_is_close_to_dense_at_every_batch_size():
+    lin = ColumnParallelLinear(256, 96, bias=True)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.05)
+        lin.bias.normal_()
+    x = torch.randn(40, 256)
+    dense = lin(x)
+    assert lin.quantize_int8()
+    assert lin.weight.numel() == 0  # the dense copy is gone: int8 serves every batch
+    for rows in (1, SMALL_BATCH_ROWS + 1, 40):
+        q = lin(x[:rows])
+        err = (q - dense[:rows]).abs().max()
+        assert 0 < err < 0.03 * dense.abs().max()  # lossy, but within int8's rounding
+
+
+@needs_fbgemm
+def test_int8_dynamic_head_keeps_the_embedding_dense():
+    head = VocabParallelEmbedding(512, 64)
+    with torch.no_grad():
+        head.weight.normal_(0, 0.05)
+    hidden = torch.randn(20, 64)
+    dense = lm_logits(hidden, head)
+    assert head.quantize_int8_dynamic()
+    q = lm_logits(hidden, head)
+    assert q.dtype == torch.float32 and not torch.equal(q, dense)
+    assert (q - dense).abs().max() < 0.03 * dense.abs().max()
+    ids = torch.tensor([3, 7])
+    assert torch.equal(head(ids), head.weight[ids])  # the lookup still reads float32 rows
+
+
+@pytest.mark.parametrize(
+    ("klass", "dtype", "quant"),
+    [("bf16", "bfloat16", "int4"), ("avx512", "float32", "none"), ("avx2", "float32", "none")],
+)
+def test_auto_choice_per_cpu_class(monkeypatch, klass, dtype, quant):
+    """The policy of every class, whatever this machine is (its class is faked)."""
+    monkeypatch.setattr(cpu_path, "cpu_class", lambda: (klass, "faked"))
+    monkeypatch.setattr(cpu_path, "int8_available", lambda: True)
+    got_dtype, got_quant, path = cpu_path.choose("auto", "auto", int4_exact=True)
+    assert (str(got_dtype), got_quant) == (f"torch.{dtype}", quant)
+    assert path.cpu_class == klass and path.reason
+    # an explicit float32 is the exact mode on every class
+    assert cpu_path.choose("float32", "auto", int4_exact=True)[1] == "none"
+    # int4 needs the exact 4-bit packing: a model that is not a Q4 GGUF keeps bfloat16
+    if klass == "bf16":
+        assert cpu_path.choose("auto", "auto", int4_exact=False)[1] == "none"
+
+
 def test_auto_quantization_choice():
     gguf = resolve_model(default_model_path())
-    assert resolve_quantization("auto", gguf, "cpu", torch.bfloat16) == "int4"  # a Q4_1 file
-    assert resolve_quantization("auto", gguf, "cpu", torch.float32) == "none"  # exact mode
-    assert resolve_quantization("auto", gguf, "cuda", torch.bfloat16) == "none"
-    assert resolve_quantization("none", gguf, "cpu", torch.bfloat16) == "none"
-    with pytest.raises(ValueError, match="CPU only"):
-        resolve_quantization("int4", gguf, "cuda", torch.bfloat16)
+    expected = "int4" if cpu_path.bf16_native() else "none"
+    assert resolve_quantization("auto", gguf, "cpu", "auto") == expected
+    assert resolve_quantization("auto", gguf, "cpu", "float32") == "none"  # exact mode
+    assert resolve_quantization("auto", gguf, "cuda", "auto") == "none"
+    assert resolve_quantization("none", gguf, "cpu", "auto") == "none"
+    for choice in ("int4", "int8"):
+        with pytest.raises(ValueError, match="CPU only"):
+            resolve_quantization(choice, gguf, "cuda", "auto")
 
 
 @pytest.mark.slow
-def test_default_model_answers_with_int4_decode():
-    """The default settings on the CPU (bfloat16, auto) decode one request in int4."""
+def test_default_model_answers_with_the_auto_path():
+    """The default settings on the CPU take this class's path (bfloat16 + int4 where
+    bfloat16 is native, float32 elsewhere) and still answer the README's question right."""
     args = ServerArgs(device="cpu", max_total_tokens=4096)
     runner = ModelRunner(args)
-    assert runner.quantization == "int4"
+    assert runner.quantization == ("int4" if cpu_path.bf16_native() else "none")
+    assert runner.cpu_path is not None and runner.cpu_path.quantization == runner.quantization
     tok = load_tokenizer(runner.source)
     sched = Scheduler(args, runner, tok, eos_token_ids(runner.config, tok, runner.source.folder))
     ids = tok.apply_chat_template(

@@ -6,9 +6,13 @@ overhead (HTTP, SSE, detokenization in the other process).
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from radixserve.bench.datasets import BenchRequest
@@ -37,8 +41,9 @@ class OfflineMetrics:
     detokenize_ms: float = 0.0
     scheduler_share: float = 0.0  # schedule + output time over the whole step
     mean_batch_tokens: float = 0.0
-    # model FLOPs utilisation against this CPU's measured bfloat16 matmul peak
+    # model FLOPs utilisation against this CPU's measured matmul peak for the path in use
     model_tflops: float = 0.0
+    peak_kind: str = ""
     peak_tflops: float = 0.0
     mfu: float = 0.0
 
@@ -80,6 +85,7 @@ def run_offline(
         duration = time.perf_counter() - start
         after = engine.get_server_info()["stats"]
         source = engine.info.model_path
+        engine_info = engine.get_server_info()["engine"] or {}
     delta = {k: after[k] - before[k] for k in after if isinstance(after[k], int | float)}
 
     metas = [o["meta_info"] for o in outputs]
@@ -91,7 +97,10 @@ def run_offline(
     ms = {k: 1e3 * delta.get(f"time_{k}_s", 0.0) / steps for k in PHASES}
     step_ms = sum(v for k, v in ms.items() if k != "detokenize")  # the front overlaps it
     flops = model_flops(source, int(delta.get("forward_tokens", 0)), len(outputs) + total_out)
-    peak = bf16_matmul_peak()
+    path = engine_info.get("quantization") or "none"
+    if path not in ("int8",):
+        path = engine_info.get("dtype", "float32")
+    peak = matmul_peak(path)
     return OfflineMetrics(
         completed=len(outputs),
         duration_s=duration,
@@ -112,6 +121,7 @@ def run_offline(
         scheduler_share=(ms["schedule"] + ms["output"]) / max(step_ms, 1e-9),
         mean_batch_tokens=delta.get("forward_tokens", 0) / steps,
         model_tflops=flops / d / 1e12,
+        peak_kind=path,
         peak_tflops=peak / 1e12,
         mfu=flops / d / peak if peak else 0.0,
     )
@@ -136,19 +146,56 @@ def model_flops(model_path: str, forward_tokens: int, logit_rows: int) -> float:
     )
 
 
-def bf16_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a large bfloat16 matmul on this machine's threads: the ceiling for MFU."""
+def matmul_peak(kind: str, size: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of a large matmul of the path in use (float32, bfloat16, float16, or int8
+    through fbgemm) on this machine's threads: the ceiling for MFU. Measured once per CPU,
+    kind and thread count and kept in ~/.cache/radixserve, since an emulated dtype can take
+    minutes to measure."""
     import torch
 
-    a = torch.randn(size, size, dtype=torch.bfloat16)
-    b = torch.randn(size, size, dtype=torch.bfloat16)
-    a @ b  # warm-up
+    from radixserve.engine.cpu_path import cpu_class
+
+    key = f"{platform.processor() or platform.machine()}|{cpu_class()[1]}|{kind}|{size}|{torch.get_num_threads()}"
+    cache = (
+        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+        / "radixserve"
+        / "matmul_peak.json"
+    )
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return float(known[key])
+    a = torch.randn(size, size)
+    if kind == "int8":
+        from radixserve.layers.linear import int8_dynamic_mm, pack_int8_dynamic
+
+        packed = pack_int8_dynamic(torch.randn(size, size))
+
+        def run() -> None:
+            int8_dynamic_mm(a, packed)
+    else:
+        a = a.to(getattr(torch, kind))
+        b = torch.randn(size, size).to(a.dtype)
+
+        def run() -> None:
+            a @ b
+
+    run()  # warm-up
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        a @ b
+        run()
         best = min(best, time.perf_counter() - t)
-    return 2.0 * size**3 / best
+    peak = 2.0 * size**3 / best
+    known[key] = peak
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(known, indent=1))
+    except OSError:
+        pass  # a read-only home: measured again next time
+    return peak
 
 
 def format_offline(m: OfflineMetrics) -> str:
@@ -173,7 +220,7 @@ def format_offline(m: OfflineMetrics) -> str:
         ("Detokenization in the front, overlapped (ms):", f"{m.detokenize_ms:.2f}"),
         ("Scheduler share of a step:", f"{100 * m.scheduler_share:.1f}%"),
         ("Model TFLOP/s:", f"{m.model_tflops:.3f}"),
-        ("bf16 matmul peak TFLOP/s:", f"{m.peak_tflops:.3f}"),
+        (f"{m.peak_kind} matmul peak TFLOP/s:", f"{m.peak_tflops:.3f}"),
         ("MFU:", f"{100 * m.mfu:.1f}%"),
     ]
     lines = [" Offline Engine Benchmark ".center(width, "=")]

@@ -92,6 +92,8 @@ def run_engine_process(args: ServerArgs, in_addr: str, out_addr: str) -> None:
             device=runner.device,
             attention_backend=runner.backend_name,
             eos_token_ids=eos,
+            quantization=runner.quantization,
+            cpu_path=runner.cpu_path.to_dict() if runner.cpu_path else None,
         )
     )
     poller = zmq.Poller()

@@ -150,6 +150,8 @@ class EngineReady:
     eos_token_ids: list[int]
     is_embedding: bool = False
     embedding: EmbeddingModelInfo | None = None  # set by an embedding engine
+    quantization: str = "none"
+    cpu_path: dict[str, str] | None = None  # the CPU class, the path chosen and why
 
 
 @dataclass

@@ -16,6 +16,7 @@ import os
 import torch
 
 from radixserve.config import ServerArgs
+from radixserve.engine import cpu_path
 from radixserve.layers import parallel
 from radixserve.layers.attention import ForwardBatch, KVPool, create_attention_backend
 from radixserve.layers.linear import LinearBase
@@ -30,8 +31,10 @@ from radixserve.models.loader import (
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_CPU_DEFAULT_KV_TOKENS = 131072
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# the CPU's default KV pool: what max-running-requests full contexts need, within 1 GiB
+# and a quarter of free memory, but always one full context (docs/engine.md)
+_CPU_KV_BYTES_CAP = 1 << 30
 _CPU_KV_MEMORY_FRACTION = 0.25
 # what rank 0 broadcasts first each time: [kind, tokens, requests, prefill requests,
 # prefill tokens, logit rows, KV slots of all requests]
@@ -50,25 +53,30 @@ def resolve_device(device: str) -> str:
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     """`auto` is bfloat16 where the hardware runs it natively, else float32 (or float16)."""
     if dtype != "auto":
-        return _DTYPES[dtype]
+        return DTYPES[dtype]
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_path.bf16_native() else torch.float32
 
 
 _INT4_GGUF_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 
 
-def resolve_quantization(choice: str, source: ModelSource, device: str, dtype: torch.dtype) -> str:
-    """`auto` keeps a 4-bit GGUF's weights 4-bit for small decode batches, as llama.cpp
-    does, where that loses nothing: on the CPU, in bfloat16 (float32 is the exact mode)."""
-    if choice == "int4" and not device.startswith("cpu"):
-        raise ValueError("--quantization int4 runs on the CPU only (its kernels are CPU kernels)")
-    if choice != "auto":
-        return choice
-    if device != "cpu" or dtype != torch.bfloat16 or not source.gguf_file:
-        return "none"
-    return "int4" if gguf_linear_type(source).startswith(_INT4_GGUF_TYPES) else "none"
+def int4_exact(source: ModelSource) -> bool:
+    """The model is a 4-bit GGUF whose blocks pack into torch's int4 layout without loss."""
+    return bool(source.gguf_file) and gguf_linear_type(source).startswith(_INT4_GGUF_TYPES)
+
+
+def resolve_quantization(choice: str, source: ModelSource, device: str, dtype_choice: str) -> str:
+    """On the CPU `auto` picks per CPU class (engine/cpu_path.py); on a GPU it is none."""
+    if device.startswith("cpu"):
+        exact = choice == "auto" and cpu_path.bf16_native() and int4_exact(source)
+        return cpu_path.choose(dtype_choice, choice, exact)[1]
+    if choice in ("int4", "int8"):
+        raise ValueError(
+            f"--quantization {choice} runs on the CPU only (its kernels are CPU kernels)"
+        )
+    return "none"
 
 
 class ModelRunner:
@@ -84,7 +92,18 @@ class ModelRunner:
             cfg.num_attention_heads, cfg.num_key_value_heads, self.tp_size, rank
         )
         self.device = self._rank_device(resolve_device(args.device))
-        self.dtype = resolve_dtype(args.dtype, self.device)
+        self.cpu_path: cpu_path.CpuPath | None = None
+        if self.device == "cpu":
+            # reading the GGUF's tensor types costs a second open: only where int4 can win
+            exact = args.quantization == "auto" and cpu_path.bf16_native()
+            self.dtype, self.quantization, self.cpu_path = cpu_path.choose(
+                args.dtype, args.quantization, exact and int4_exact(self.source)
+            )
+        else:
+            self.dtype = resolve_dtype(args.dtype, self.device)
+            self.quantization = resolve_quantization(
+                args.quantization, self.source, self.device, args.dtype
+            )
         self.context_length = args.context_length or int(
             getattr(cfg, "max_position_embeddings", 4096)
         )
@@ -112,11 +131,17 @@ class ModelRunner:
             torch.set_default_dtype(default_dtype)
         model.load_weights(iter_weights(self.source, cfg))
         self.model = model.eval()
-        self.quantization = resolve_quantization(
-            args.quantization, self.source, self.device, self.dtype
-        )
         if self.quantization == "int4":
             self._quantize_int4()
+        elif self.quantization == "int8":
+            self._quantize_int8()
+        if self.cpu_path is not None:
+            logger.info(
+                "CPU path: class %s (torch %s), %s, quantization %s: %s",
+                *(self.cpu_path.cpu_class, self.cpu_path.capability, self.cpu_path.dtype),
+                self.cpu_path.quantization,
+                self.cpu_path.reason,
+            )
         self.vocab_size = cfg.vocab_size
         # every rank must hold the same slots: the smallest budget of all ranks wins
         self.max_total_tokens = parallel.all_reduce_min_cpu(self._kv_budget())
@@ -136,7 +161,9 @@ class ModelRunner:
             rank,
             self.tp_size,
             self.dtype,
-            " + int4 for small batches" if self.quantization == "int4" else "",
+            {"int4": " + int4 for small batches", "int8": " + int8 weights"}.get(
+                self.quantization, ""
+            ),
             self.device,
             self.backend_name,
             self.max_total_tokens,
@@ -148,6 +175,12 @@ class ModelRunner:
         # the tied embedding is the head when the model has no lm_head of its own
         getattr(self.model, "lm_head", self.model.embed_tokens).quantize_int8()
         logger.info("int4 weights for %d of %d linear layers, int8 LM head", packed, len(linears))
+
+    def _quantize_int8(self) -> None:
+        linears = [m for m in self.model.modules() if isinstance(m, LinearBase)]
+        packed = sum(m.quantize_int8() for m in linears)
+        getattr(self.model, "lm_head", self.model.embed_tokens).quantize_int8_dynamic()
+        logger.info("int8 weights for %d of %d linear layers and the LM head", packed, len(linears))
 
     def _rank_device(self, device: str) -> str:
         """One GPU per rank on each node: local rank r uses cuda:r."""
@@ -196,7 +229,10 @@ class ModelRunner:
                 )
             return tokens
         available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-        return int(min(_CPU_DEFAULT_KV_TOKENS, available * _CPU_KV_MEMORY_FRACTION // per_token))
+        fits = int(available * _CPU_KV_MEMORY_FRACTION // per_token)
+        wanted = self.context_length * self.args.max_running_requests
+        capped = min(wanted, _CPU_KV_BYTES_CAP // per_token, fits)
+        return max(capped, min(self.context_length, fits))
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, logit_rows: torch.Tensor) -> torch.Tensor:

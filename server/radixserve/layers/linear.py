@@ -15,6 +15,8 @@ F.linear / F.embedding: tensor parallelism costs nothing when it is off.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,20 +56,55 @@ def pack_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     return packed, scales_zeros.to(torch.bfloat16)
 
 
+def pack_int8_dynamic(weight: torch.Tensor) -> torch.Tensor | None:
+    """fbgemm's packed int8 weight (symmetric, one scale per output row) for torch's dynamic
+    quantized linear, which quantizes each call's activations to 8 bits on the fly (as
+    llama.cpp's Q8 activations do) and accumulates in int32. None off the CPU or without
+    fbgemm."""
+    if weight.device.type != "cpu" or "fbgemm" not in torch.backends.quantized.supported_engines:
+        return None
+    torch.backends.quantized.engine = "fbgemm"
+    w = weight.detach().float()
+    scale = w.abs().amax(1).clamp_min(1e-12).double() / 127
+    zero = torch.zeros(w.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():  # quantized tensors are deprecated, the kernel is not gone
+        warnings.simplefilter("ignore", UserWarning)
+        q = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
+        return torch.ops.quantized.linear_prepack(q, None)
+
+
+def int8_dynamic_mm(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    # reduce_range: 7-bit activations, so that AVX2's 16-bit pairwise sums cannot saturate
+    out = torch.ops.quantized.linear_dynamic(x.float(), packed, True)
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
 class LinearBase(nn.Module):
-    """A linear layer that may also hold an int4 copy of its weight for small batches."""
+    """A linear layer that may also hold an int4 copy of its weight for small batches, or
+    an int8 one for every batch."""
 
     def __init__(self, out_features: int, in_features: int, bias: bool) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.int4: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.int8: torch.Tensor | None = None
 
     def quantize_int4(self) -> bool:
         self.int4 = pack_int4(self.weight)
         return self.int4 is not None
 
+    def quantize_int8(self) -> bool:
+        """Replace the dense weight by fbgemm's int8 one: it serves every batch size."""
+        self.int8 = pack_int8_dynamic(self.weight)
+        if self.int8 is not None:
+            self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
+        return self.int8 is not None
+
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.int8 is not None:
+            out = int8_dynamic_mm(x, self.int8)
+            return out + bias if bias is not None else out
         if self.int4 is not None and x.shape[0] <= SMALL_BATCH_ROWS:
             packed, scales_zeros = self.int4
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -109,6 +146,13 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start, self.vocab_end = split_range(vocab_size, tp_size(), tp_rank())
         self.weight = nn.Parameter(torch.empty(self.vocab_end - self.vocab_start, hidden_size))
         self.int8: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.int8_dynamic: torch.Tensor | None = None
+
+    def quantize_int8_dynamic(self) -> bool:
+        """fbgemm int8 copy of the head for every batch size (the dense weight stays: it is
+        also the embedding table when tied)."""
+        self.int8_dynamic = pack_int8_dynamic(self.weight)
+        return self.int8_dynamic is not None
 
     def quantize_int8(self) -> bool:
         """Per-row int8 copy for scoring small batches: the head is the largest single
@@ -139,7 +183,9 @@ class ParallelLMHead(VocabParallelEmbedding):
 
 def lm_logits(hidden: torch.Tensor, head: VocabParallelEmbedding) -> torch.Tensor:
     """Full-vocabulary float32 logits from a vocabulary-split weight (embedding or head)."""
-    if head.int8 is not None and hidden.shape[0] <= SMALL_BATCH_ROWS:
+    if head.int8_dynamic is not None:
+        local = int8_dynamic_mm(hidden, head.int8_dynamic)
+    elif head.int8 is not None and hidden.shape[0] <= SMALL_BATCH_ROWS:
         q, scale = head.int8
         local = torch.ops.aten._weight_int8pack_mm(hidden.to(torch.bfloat16), q, scale)
     else:
