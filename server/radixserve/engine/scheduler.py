@@ -284,19 +284,11 @@ class Scheduler:
         budget = self.prefill_budget
         chosen: list[tuple[Req, int]] = []
         if self.chunked is not None:
-            req = self.chunked
-            n = min(len(req.fill_ids) - req.slots.numel(), budget)
-            new = self._alloc(n)
-            if new is None:
-                if self.running == [req]:
-                    self.running.remove(req)
-                    self.chunked = None
-                    self._finish(req, FinishAbort(KV_TOO_SMALL))
+            chunk = self._continue_chunk(budget)
+            if chunk is None:
                 return chosen
-            req.slots = torch.cat([req.slots, new])
-            chosen.append((req, n))
-            budget -= n
-            self.chunked = req if req.slots.numel() < len(req.fill_ids) else None
+            chosen.append(chunk)
+            budget -= chunk[1]
         if self.chunked is not None or not self.waiting:
             return chosen
         self._order_waiting()
@@ -307,42 +299,77 @@ class Scheduler:
         deferred: list[Req] = []
         while self.waiting and budget > 0 and running < self.args.max_running_requests:
             req = self.waiting[0]
-            fill = req.fill_ids
-            prefix, node = self.cache.match_prefix(fill[:-1])
-            if self.cache.reuses_prefixes and _shares_uncached(fill, prefix.numel(), pending):
+            prefix, node = self.cache.match_prefix(req.fill_ids[:-1])
+            if self.cache.reuses_prefixes and _shares_uncached(
+                req.fill_ids, prefix.numel(), pending
+            ):
                 # the same uncached prefix is being computed for another request: wait a
                 # step and take it from the cache instead of computing it twice
                 deferred.append(self.waiting.popleft())
                 self.stats.prefix_deferrals += 1
                 continue
-            self.cache.inc_lock_ref(node)  # before _alloc, whose eviction must spare it
-            n = min(len(fill) - prefix.numel(), budget)
-            reserve_after = reserve + self._reserve([req])
-            new = None
-            if self._available() >= n + reserve_after or (not self.running and not chosen):
-                new = self._alloc(n)
-            if new is None:
-                self.cache.dec_lock_ref(node)
+            reserve += self._reserve([req])
+            alone = not self.running and not chosen
+            n = self._try_admit(req, prefix, node, budget, reserve, alone)
+            if n is None:
                 break
             self.waiting.popleft()
-            req.slots = torch.cat([prefix, new])
-            req.prefix_len, req.last_node = prefix.numel(), node
-            if req.cached_tokens < 0:
-                req.queue_time = time.monotonic() - req.arrived
-                req.cached_tokens = prefix.numel()
-                self.stats.cache_hit_tokens += prefix.numel()
-                self.stats.prompt_tokens += len(req.origin_input_ids)
-            self.running.append(req)
             chosen.append((req, n))
-            pending.append(fill)
+            pending.append(req.fill_ids)
             budget -= n
             running += 1
-            reserve = reserve_after
-            if req.slots.numel() < len(fill):
-                self.chunked = req
+            if self.chunked is req:
                 break
         self.waiting.extendleft(reversed(deferred))  # back at the front, in their order
         return chosen
+
+    def _continue_chunk(self, budget: int) -> tuple[Req, int] | None:
+        """Slots for the next chunk of the prompt mid-prefill; None when memory is short."""
+        req = self.chunked
+        n = min(len(req.fill_ids) - req.slots.numel(), budget)
+        new = self._alloc(n)
+        if new is None:
+            if self.running == [req]:
+                self.running.remove(req)
+                self.chunked = None
+                self._finish(req, FinishAbort(KV_TOO_SMALL))
+            return None
+        req.slots = torch.cat([req.slots, new])
+        self.chunked = req if req.slots.numel() < len(req.fill_ids) else None
+        return req, n
+
+    def _try_admit(
+        self,
+        req: Req,
+        prefix: torch.Tensor,
+        node: TreeNode | None,
+        budget: int,
+        reserve: int,
+        alone: bool,
+    ) -> int | None:
+        """The admission rule: `req` joins the batch when its uncached prompt (up to `budget`
+        tokens this step) fits in KV memory with `reserve` tokens kept for the running
+        requests' decoding, or when it is `alone` (nothing else would run). Returns the tokens to compute,
+        or None (and changes nothing) when it does not fit."""
+        self.cache.inc_lock_ref(node)  # before _alloc, whose eviction must spare it
+        n = min(len(req.fill_ids) - prefix.numel(), budget)
+        new = None
+        if self._available() >= n + reserve or alone:
+            new = self._alloc(n)
+        if new is None:
+            self.cache.dec_lock_ref(node)
+            return None
+        req.slots = torch.cat([prefix, new])
+        req.prefix_len, req.last_node = prefix.numel(), node
+        if req.cached_tokens < 0:
+            req.queue_time = time.monotonic() - req.arrived
+            req.cached_tokens = prefix.numel()
+            self.stats.cache_hit_tokens += prefix.numel()
+            self.stats.prompt_tokens += len(req.origin_input_ids)
+        self.running.append(req)
+        if req.slots.numel() < len(req.fill_ids):
+            self.chunked = req
+        return n
 
     def _order_waiting(self) -> None:
         if (
