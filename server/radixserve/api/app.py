@@ -125,15 +125,6 @@ class ServerState:
             logger.warning("shutdown timeout: %d request(s) cut off", self.in_flight)
         self.stop.set()
 
-    @property
-    def healthy(self) -> bool:
-        return (
-            self.info is not None
-            and not self.draining
-            and self.failure is None
-            and self.client.healthy
-        )
-
     def check_ready(self) -> None:
         """503 unless the engine is loaded and alive and we are not draining."""
         if self.draining:

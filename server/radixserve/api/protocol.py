@@ -73,17 +73,6 @@ class UsageInfo(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
-class ErrorInfo(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorInfo
-
-
 # ---- chat -------------------------------------------------------------------------------------
 class ContentPart(BaseModel):
     """A part of a message's content; only text parts reach the model."""

@@ -182,7 +182,7 @@ async def start_sequences(
     }
     if rid in state.active_rids or any(r.startswith(f"{rid}-") for r in state.active_rids):
         raise bad_request(f"rid: request id {rid!r} is already in use", "rid")
-    slots = _admit(
+    tickets = _admit(
         state, [len(ids) for ids, p in zip(prompts, params, strict=True) for _ in range(p.n)]
     )
 
@@ -197,8 +197,8 @@ async def start_sequences(
             if not isinstance(g, BaseException):
                 for s in g:
                     await s.aclose()
-        for slot in slots:
-            slot.free()
+        for ticket in tickets:
+            ticket.free()
         if isinstance(failed, EngineError):
             raise APIError(503, f"engine unavailable: {failed}", code="engine_error")
         raise failed
@@ -206,17 +206,17 @@ async def start_sequences(
     base = 0
     for g in groups:
         for i, s in enumerate(g):
-            slot = slots[len(streams)]
-            tracked = _tracked(state, s, base + i, state.metrics.timer(arrival, route), slot)
+            ticket = tickets[len(streams)]
+            tracked = _tracked(state, s, base + i, state.metrics.timer(arrival, route), ticket)
             # a stream closed or dropped before it ever ran skips its finally: free it then
-            weakref.finalize(tracked, slot.free)
+            weakref.finalize(tracked, ticket.free)
             streams.append(tracked)
         base += len(g)
     return Sequences(rid, streams, params[0].n, arrival)
 
 
-def _admit(state: ServerState, prompt_lens: list[int]) -> list[_Slot]:
-    """Reserve one slot per sequence before anything is awaited, so a burst is counted
+def _admit(state: ServerState, prompt_lens: list[int]) -> list[_AdmissionTicket]:
+    """Reserve one ticket per sequence before anything is awaited, so a burst is counted
     exactly. Beyond the running capacity plus --max-queued-requests sequences, or beyond
     --max-queued-tokens prompt tokens waiting for their first token, answer 503 at once
     (SGLang/vLLM users expect a fast refusal with Retry-After rather than an unbounded
@@ -233,7 +233,7 @@ def _admit(state: ServerState, prompt_lens: list[int]) -> list[_Slot]:
         raise _overloaded(
             f"{state.queued_tokens} prompt tokens wait for prefill, at most {limit} may"
         )
-    return [_Slot(state, n) for n in prompt_lens]
+    return [_AdmissionTicket(state, n) for n in prompt_lens]
 
 
 def _overloaded(why: str) -> APIError:
@@ -245,7 +245,7 @@ def _overloaded(why: str) -> APIError:
     )
 
 
-class _Slot:
+class _AdmissionTicket:
     """One admitted sequence in the admission counters. Its prompt tokens count as queued
     until its first output (it has been prefilled then); the sequence counts until it ends.
     Each is given back exactly once, however the sequence ends."""
@@ -269,7 +269,7 @@ class _Slot:
 
 
 async def _tracked(
-    state: ServerState, stream, index: int, timer, slot: _Slot
+    state: ServerState, stream, index: int, timer, ticket: _AdmissionTicket
 ) -> AsyncIterator[GenerateChunk]:
     rid = None
     try:
@@ -277,7 +277,7 @@ async def _tracked(
             if rid is None:
                 rid = chunk.rid
                 state.active_rids.add(rid)
-                slot.started()
+                ticket.started()
             chunk.index = index
             fr = chunk.finish_reason
             if isinstance(fr, FinishAbort) and fr.status_code:
@@ -288,7 +288,7 @@ async def _tracked(
     finally:
         if rid is not None:
             state.active_rids.discard(rid)
-        slot.free()
+        ticket.free()
         await stream.aclose()
 
 

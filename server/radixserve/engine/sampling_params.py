@@ -7,7 +7,6 @@ from dataclasses import dataclass, field, fields
 
 _MAX_STOP_STRINGS = 16
 _MAX_STOP_LENGTH = 1024  # the engine re-decodes this much of the output tail every step
-_MAX_TOP_LOGPROBS = 20
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -158,6 +157,3 @@ class SamplingParams:
             or self.presence_penalty != 0
             or self.repetition_penalty != 1
         )
-
-
-MAX_TOP_LOGPROBS = _MAX_TOP_LOGPROBS
