@@ -12,7 +12,6 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from radixserve import __version__
-from radixserve.api.app import ServerState, get_state
 from radixserve.api.errors import APIError, bad_request, error_body
 from radixserve.api.protocol import (
     AbortRequest,
@@ -35,6 +34,7 @@ from radixserve.api.serving import (
     start_sequences,
     until_disconnected,
 )
+from radixserve.api.state import ServerState, get_state
 from radixserve.engine.client import EngineError, GenerateChunk
 from radixserve.engine.sampling_params import SamplingParams
 

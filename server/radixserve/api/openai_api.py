@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 import numpy as np
 from fastapi import APIRouter, Request
 
-from radixserve.api.app import ServerState, get_state
 from radixserve.api.errors import APIError, bad_request
 from radixserve.api.protocol import (
     ChatChoice,
@@ -55,6 +54,7 @@ from radixserve.api.serving import (
     until_disconnected,
     usage_of,
 )
+from radixserve.api.state import ServerState, get_state
 from radixserve.api.tools import (
     ToolCall,
     calls_from_required,

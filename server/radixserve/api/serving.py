@@ -22,8 +22,8 @@ from fastapi import Request
 from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 
-from radixserve.api.app import ServerState
 from radixserve.api.errors import APIError, bad_request, error_body, from_value_error
+from radixserve.api.state import ServerState
 from radixserve.engine.client import EngineError, GenerateChunk
 from radixserve.engine.io_struct import FinishAbort
 from radixserve.engine.sampling_params import SamplingParams
