@@ -23,11 +23,7 @@ from radixserve.api.serving import (
     DONE,
     Sequences,
     SSEResponse,
-    check_batch,
-    check_prompt,
-    check_text,
     collect,
-    make_params,
     off_loop,
     sse,
     sse_error,
@@ -35,6 +31,14 @@ from radixserve.api.serving import (
     until_disconnected,
 )
 from radixserve.api.state import ServerState, get_state
+from radixserve.api.validate import (
+    as_batch,
+    check_batch,
+    check_prompt,
+    check_text,
+    check_token_ids,
+    make_params,
+)
 from radixserve.engine.client import EngineError, GenerateChunk
 from radixserve.engine.sampling_params import SamplingParams
 
@@ -60,30 +64,25 @@ async def generate(req: GenerateRequest, request: Request):
     state.check_generation()
     if (req.text is None) == (req.input_ids is None):
         raise bad_request("give exactly one of text or input_ids", "text")
+    param = "text" if req.text is not None else "input_ids"
+    prompts, single = as_batch(req.text if req.text is not None else req.input_ids, param)
     if req.text is not None:
-        single = isinstance(req.text, str)
-        texts = [req.text] if single else req.text
-        check_batch(len(texts), 1, "text")
+        check_batch(len(prompts), 1, param)
         prompts = await off_loop(
-            lambda: [state.client.encode(check_text(t, "text")) for t in texts]
+            lambda: [state.client.encode(check_text(t, param)) for t in prompts]
         )
-        param = "text"
-    else:
-        single = not req.input_ids or isinstance(req.input_ids[0], int)
-        prompts = [list(req.input_ids)] if single else [list(x) for x in req.input_ids]
-        param = "input_ids"
-    if not prompts:
-        raise bad_request(f"{param}: must not be empty", param)
     sp = req.sampling_params
     if isinstance(sp, list) and len(sp) != len(prompts):
         raise bad_request("sampling_params: need one entry per prompt", "sampling_params")
     dicts = sp if isinstance(sp, list) else [sp or {}] * len(prompts)
-    params: list[SamplingParams] = [make_params(d, state, openai_names=False) for d in dicts]
+    params: list[SamplingParams] = [make_params(d, state.info, openai_names=False) for d in dicts]
     if len({p.n for p in params}) > 1:
         raise bad_request("sampling_params: n must be the same for every prompt", "n")
     check_batch(len(prompts), params[0].n, param)
     for ids, p in zip(prompts, params, strict=True):
-        check_prompt(state, ids, p.max_new_tokens, param, "max_new_tokens")
+        check_prompt(
+            state.info, ids, param, max_tokens=p.max_new_tokens, max_param="max_new_tokens"
+        )
     seqs = await start_sequences(
         state,
         prompts,
@@ -194,14 +193,10 @@ async def abort_request(req: AbortRequest, request: Request) -> dict:
     state.check_ready()
     if not req.abort_all and not req.rid:
         raise bad_request("rid: give a request id, or abort_all=true", "rid")
-    hits = [
-        r
-        for r in list(state.active_rids)
-        if req.abort_all or r == req.rid or r.startswith(f"{req.rid}-")
-    ]
+    hits = state.admission.running(None if req.abort_all else req.rid)
     for r in hits:
         state.client.abort(r)
-    return {"aborted": sorted(hits)}
+    return {"aborted": hits}
 
 
 @router.post("/tokenize")
@@ -225,12 +220,7 @@ async def detokenize(req: DetokenizeRequest, request: Request) -> dict:
     state = get_state(request)
     state.check_ready()
     state.check_model(req.model)
-    vocab = state.info.vocab_size
-    bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise bad_request(
-            f"tokens: token id {bad} is outside the vocabulary (size {vocab})", "tokens"
-        )
+    check_token_ids(req.tokens, state.info.vocab_size, "tokens")
     return {"text": state.client.tokenizer.decode(req.tokens)}
 
 

@@ -41,12 +41,8 @@ from radixserve.api.serving import (
     DONE,
     Sequences,
     SSEResponse,
-    check_batch,
-    check_prompt,
-    check_text,
     collect,
     finish_reason,
-    make_params,
     off_loop,
     sse,
     sse_error,
@@ -62,6 +58,7 @@ from radixserve.api.tools import (
     get_tool_parser,
     required_tool_schema,
 )
+from radixserve.api.validate import as_batch, check_batch, check_prompt, check_text, make_params
 from radixserve.engine.client import EngineError, GenerateChunk
 
 router = APIRouter()
@@ -215,7 +212,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
         req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     )
     max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    check_prompt(state, ids, max_tokens, "messages", max_param)
+    check_prompt(state.info, ids, "messages", max_tokens=max_tokens, max_param=max_param)
     if max_tokens is None:
         max_tokens = state.info.context_length - len(ids)
     fields = _params_fields(req, max_tokens)
@@ -225,7 +222,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
                 "response_format: cannot be combined with a required tool call", "response_format"
             )
         fields["json_schema"] = json.dumps(tools.schema)
-    params = make_params(fields, state, openai_names=True)
+    params = make_params(fields, state.info, openai_names=True)
     top_n = req.top_logprobs or 0
     if top_n and not req.logprobs:
         raise bad_request("top_logprobs: needs logprobs=true", "top_logprobs")
@@ -313,12 +310,7 @@ async def _completion_prompts(
     state: ServerState, prompt, n: int
 ) -> tuple[list[list[int]], list[str]]:
     """Token ids and text of each prompt (a string, strings, ids, or lists of ids)."""
-    if isinstance(prompt, str):
-        prompt = [prompt]
-    if not prompt:
-        raise bad_request("prompt: must not be empty", "prompt")
-    if isinstance(prompt[0], int):
-        prompt = [prompt]
+    prompt, _ = as_batch(prompt, "prompt")
     check_batch(len(prompt), n, "prompt")
 
     def encode() -> list[list[int]]:
@@ -359,9 +351,9 @@ async def completions(req: CompletionRequest, request: Request):
         raise bad_request("echo: prompt logprobs (echo with logprobs) are not supported", "echo")
     ids, texts = await _completion_prompts(state, req.prompt, req.n)
     for p in ids:
-        check_prompt(state, p, req.max_tokens, "prompt", "max_tokens")
+        check_prompt(state.info, p, "prompt", max_tokens=req.max_tokens)
     max_tokens = req.max_tokens if req.max_tokens is not None else 16
-    params = make_params(_params_fields(req, max_tokens), state, openai_names=True)
+    params = make_params(_params_fields(req, max_tokens), state.info, openai_names=True)
     want_lp = req.logprobs is not None
     top_n = req.logprobs or 0
     seqs = await start_sequences(
@@ -441,36 +433,17 @@ async def _stream_completion(
 
 # ---- embeddings ---------------------------------------------------------------------------------
 def _embedding_inputs(state: ServerState, inp) -> list[list[int]]:
-    if isinstance(inp, str):
-        inp = [inp]
-    if not inp:
-        raise bad_request("input: must not be empty", "input")
-    if isinstance(inp[0], int):
-        inp = [inp]
-    if len(inp) > _MAX_EMBEDDING_INPUTS:
+    inputs, _ = as_batch(inp, "input")
+    if len(inputs) > _MAX_EMBEDDING_INPUTS:
         raise bad_request(f"input: at most {_MAX_EMBEDDING_INPUTS} inputs per request", "input")
     out = []
-    for i, x in enumerate(inp):
+    for i, x in enumerate(inputs):
         if isinstance(x, str):
             if not x:
                 raise bad_request(f"input[{i}]: must not be an empty string", "input")
             x = state.client.encode(check_text(x, "input"))
-        ids = list(x)
-        if not ids:
-            raise bad_request(f"input[{i}]: must not be empty", "input")
-        vocab = state.info.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise bad_request(
-                f"input[{i}]: token id {bad} is outside the vocabulary (size {vocab})", "input"
-            )
-        if len(ids) > state.info.context_length:
-            raise bad_request(
-                f"input[{i}]: {len(ids)} tokens, more than this model's maximum of "
-                f"{state.info.context_length}",
-                "input",
-            )
-        out.append(ids)
+        check_prompt(state.info, list(x), "input", where=f"input[{i}]")
+        out.append(list(x))
     return out
 
 

@@ -22,17 +22,14 @@ from fastapi import Request
 from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 
-from radixserve.api.errors import APIError, bad_request, error_body, from_value_error
+from radixserve.api.admission import AdmissionTicket
+from radixserve.api.errors import APIError, error_body
 from radixserve.api.state import ServerState
-from radixserve.engine.client import EngineError, GenerateChunk
+from radixserve.engine.client import EngineError, GenerateChunk, sequence_rids
 from radixserve.engine.io_struct import FinishAbort
 from radixserve.engine.sampling_params import SamplingParams
 
 DONE = "data: [DONE]\n\n"
-# the most sequences (prompts x n) one request may start: bounds the work one body can queue
-MAX_SEQUENCES = 2048
-# the engine's names -> the OpenAI request's names, for error messages
-_OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
 
 
 def sse(obj: BaseModel | dict) -> str:
@@ -65,49 +62,6 @@ class SSEResponse(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-def make_params(fields: dict[str, Any], state: ServerState, openai_names: bool) -> SamplingParams:
-    """SamplingParams from request fields (None = default); ValueError -> 400 naming the field."""
-    try:
-        params = SamplingParams.from_dict({k: v for k, v in fields.items() if v is not None})
-        params.verify(state.info.vocab_size)
-    except (ValueError, TypeError) as e:
-        err = from_value_error(ValueError(str(e)))
-        if openai_names and err.param in _OPENAI_NAMES:
-            name = _OPENAI_NAMES[err.param]
-            err.message = err.message.replace(err.param, name, 1)
-            err.param = name
-        raise err from e
-    return params
-
-
-def check_prompt(
-    state: ServerState, ids: list[int], max_tokens: int | None, param: str, max_param: str
-) -> None:
-    """400 for an empty prompt, ids outside the vocabulary, or a request beyond the context."""
-    if not ids:
-        raise bad_request(f"{param}: the prompt is empty", param)
-    vocab = state.info.vocab_size
-    bad = next((t for t in ids if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise bad_request(
-            f"{param}: token id {bad} is outside the vocabulary (size {vocab})", param
-        )
-    ctx = state.info.context_length
-    if len(ids) >= ctx:
-        raise bad_request(
-            f"This model's maximum context length is {ctx} tokens, but the prompt has "
-            f"{len(ids)} tokens.",
-            param,
-        )
-    if max_tokens is not None and len(ids) + max_tokens > ctx:
-        raise bad_request(
-            f"This model's maximum context length is {ctx} tokens. However, you requested "
-            f"{len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} in the "
-            f"completion). Please reduce the prompt or {max_param}.",
-            max_param,
-        )
-
-
 @dataclass
 class Sequences:
     """The running sequences of one request: `streams[i]` yields the chunks of choice i."""
@@ -123,29 +77,6 @@ class Sequences:
     async def aclose(self) -> None:
         for s in self.streams:
             await s.aclose()
-
-
-def check_batch(num_prompts: int, n: int, param: str) -> None:
-    """400 for a request that would start more sequences than MAX_SEQUENCES."""
-    if num_prompts * n > MAX_SEQUENCES:
-        name = param if num_prompts > MAX_SEQUENCES else "n"  # n=1 would not fit either
-        raise bad_request(
-            f"{name}: {num_prompts} prompt(s) x n={n} is more than the {MAX_SEQUENCES} "
-            "sequences one request may start",
-            name,
-        )
-
-
-def check_text(text: str, param: str) -> str:
-    """400 for a string that is not Unicode text: JSON's "\\ud800" escape decodes to a lone
-    surrogate, which the tokenizer would refuse with a TypeError (a 500)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise bad_request(
-            f"{param}: not valid Unicode (a lone surrogate at character {e.start})", param
-        ) from e
-    return text
 
 
 def deadline_of(state: ServerState, timeout: float | None) -> float | None:
@@ -180,15 +111,14 @@ async def start_sequences(
         "top_logprobs_num": top_logprobs_num,
         "deadline": deadline_of(state, timeout),
     }
-    if rid in state.active_rids or any(r.startswith(f"{rid}-") for r in state.active_rids):
-        raise bad_request(f"rid: request id {rid!r} is already in use", "rid")
-    tickets = _admit(
-        state, [len(ids) for ids, p in zip(prompts, params, strict=True) for _ in range(p.n)]
+    n = params[0].n
+    tickets = state.admission.admit(
+        rid, [len(p) for p in prompts], n, state.info.max_running_requests
     )
+    prompt_rids = sequence_rids(rid, len(prompts), 1)
 
     async def one(j: int) -> list[AsyncIterator[GenerateChunk]]:
-        sub = rid if len(prompts) == 1 else f"{rid}-p{j}"
-        return await state.client.generate_n(prompts[j], params[j], params[j].n, rid=sub, **kw)
+        return await state.client.generate_n(prompts[j], params[j], n, rid=prompt_rids[j], **kw)
 
     groups = await asyncio.gather(*(one(j) for j in range(len(prompts))), return_exceptions=True)
     failed = next((g for g in groups if isinstance(g, BaseException)), None)
@@ -207,77 +137,20 @@ async def start_sequences(
     for g in groups:
         for i, s in enumerate(g):
             ticket = tickets[len(streams)]
-            tracked = _tracked(state, s, base + i, state.metrics.timer(arrival, route), ticket)
+            tracked = _tracked(s, base + i, state.metrics.timer(arrival, route), ticket)
             # a stream closed or dropped before it ever ran skips its finally: free it then
             weakref.finalize(tracked, ticket.free)
             streams.append(tracked)
         base += len(g)
-    return Sequences(rid, streams, params[0].n, arrival)
-
-
-def _admit(state: ServerState, prompt_lens: list[int]) -> list[_AdmissionTicket]:
-    """Reserve one ticket per sequence before anything is awaited, so a burst is counted
-    exactly. Beyond the running capacity plus --max-queued-requests sequences, or beyond
-    --max-queued-tokens prompt tokens waiting for their first token, answer 503 at once
-    (SGLang/vLLM users expect a fast refusal with Retry-After rather than an unbounded
-    queue). A prompt longer than the token limit is still admitted when none waits."""
-    args, running = state.args, state.info.max_running_requests
-    if args.max_queued_requests is not None:
-        if state.open_sequences + len(prompt_lens) - running > args.max_queued_requests:
-            raise _overloaded(
-                f"{state.open_sequences} sequences in flight, at most "
-                f"{args.max_queued_requests} may wait beyond the {running} running"
-            )
-    limit = args.max_queued_tokens
-    if limit is not None and state.queued_tokens and state.queued_tokens + sum(prompt_lens) > limit:
-        raise _overloaded(
-            f"{state.queued_tokens} prompt tokens wait for prefill, at most {limit} may"
-        )
-    return [_AdmissionTicket(state, n) for n in prompt_lens]
-
-
-def _overloaded(why: str) -> APIError:
-    return APIError(
-        503,
-        f"server overloaded: {why}; retry later",
-        code="server_overloaded",
-        headers={"Retry-After": "1"},
-    )
-
-
-class _AdmissionTicket:
-    """One admitted sequence in the admission counters. Its prompt tokens count as queued
-    until its first output (it has been prefilled then); the sequence counts until it ends.
-    Each is given back exactly once, however the sequence ends."""
-
-    def __init__(self, state: ServerState, prompt_tokens: int) -> None:
-        self.state: ServerState | None = state
-        self.queued = prompt_tokens
-        state.open_sequences += 1
-        state.queued_tokens += prompt_tokens
-
-    def started(self) -> None:
-        if self.state is not None and self.queued:
-            self.state.queued_tokens -= self.queued
-            self.queued = 0
-
-    def free(self) -> None:
-        self.started()
-        if self.state is not None:
-            self.state.open_sequences -= 1
-            self.state = None
+    return Sequences(rid, streams, n, arrival)
 
 
 async def _tracked(
-    state: ServerState, stream, index: int, timer, ticket: _AdmissionTicket
+    stream, index: int, timer, ticket: AdmissionTicket
 ) -> AsyncIterator[GenerateChunk]:
-    rid = None
     try:
         async for chunk in stream:
-            if rid is None:
-                rid = chunk.rid
-                state.active_rids.add(rid)
-                ticket.started()
+            ticket.started()
             chunk.index = index
             fr = chunk.finish_reason
             if isinstance(fr, FinishAbort) and fr.status_code:
@@ -286,8 +159,6 @@ async def _tracked(
             timer.on_chunk(chunk)
             yield chunk
     finally:
-        if rid is not None:
-            state.active_rids.discard(rid)
         ticket.free()
         await stream.aclose()
 

@@ -15,6 +15,7 @@ import time
 
 from fastapi import Request
 
+from radixserve.api.admission import Admission
 from radixserve.api.errors import APIError
 from radixserve.api.metrics import Metrics
 from radixserve.config import ServerArgs
@@ -50,12 +51,10 @@ class ServerState:
         self.exit_code = 0
         self.stop = asyncio.Event()  # set: the server should exit (with exit_code)
         self.in_flight = 0
-        self.open_sequences = 0  # started and not yet finished: admission control counts these
-        self.queued_tokens = 0  # prompt tokens of open sequences with no output yet
-        self.active_rids: set[str] = set()  # engine request ids now generating
+        self.admission = Admission(args)
         self.metrics = Metrics(lambda: self.client.stats, args.log_requests)
-        self.metrics.open_sequences.set_function(lambda: self.open_sequences)
-        self.metrics.queued_prompt_tokens.set_function(lambda: self.queued_tokens)
+        self.metrics.open_sequences.set_function(lambda: self.admission.open_sequences)
+        self.metrics.queued_prompt_tokens.set_function(lambda: self.admission.queued_tokens)
         self.started_at = time.time()
         self._token_text: dict[int, str] = {}
 

@@ -401,14 +401,14 @@ class EngineClient:
         so they find the prompt in the prefix cache instead of computing it n times."""
         if n == 1:
             return [self.generate(input_ids, params, **kw)]
-        rid = kw.pop("rid", None) or uuid.uuid4().hex
+        rids = sequence_rids(kw.pop("rid", None) or uuid.uuid4().hex, 1, n)
         kw["stream"] = True  # the first chunk is the signal that the prompt is cached
-        first = self.generate(input_ids, params, rid=f"{rid}-0", index=0, **kw)
+        first = self.generate(input_ids, params, rid=rids[0], index=0, **kw)
         head = await anext(first)
         others = []
         for i in range(1, n):
             p = params if params.seed is None else _with_seed(params, params.seed + i)
-            others.append(self.generate(input_ids, p, rid=f"{rid}-{i}", index=i, **kw))
+            others.append(self.generate(input_ids, p, rid=rids[i], index=i, **kw))
         return [_prepend(head, first), *others]
 
     async def embed(self, input_ids: list[list[int]]) -> list[list[float]]:
@@ -434,6 +434,19 @@ class EngineClient:
         self._flush_waiters.append(fut)
         await self._send.send_pyobj(FlushCacheReq())
         return await fut
+
+
+def sequence_rids(rid: str, num_prompts: int, n: int) -> list[str]:
+    """The engine ids of a request's sequences, in choice order (prompt by prompt, n each):
+    the request's own id for a single sequence, else `rid-p<prompt>` for each of several
+    prompts and `-<sample>` for each of n > 1. The one naming rule: owned_by undoes it."""
+    prompts = [rid] if num_prompts == 1 else [f"{rid}-p{j}" for j in range(num_prompts)]
+    return [p if n == 1 else f"{p}-{i}" for p in prompts for i in range(n)]
+
+
+def owned_by(engine_rid: str, rid: str) -> bool:
+    """Whether `engine_rid` is `rid` or one of its sequences (SGLang's abort by prefix)."""
+    return engine_rid == rid or engine_rid.startswith(f"{rid}-")
 
 
 async def _get_before(q: asyncio.Queue, deadline: float | None):

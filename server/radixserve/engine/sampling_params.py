@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 
 _MAX_STOP_STRINGS = 16
@@ -134,9 +135,8 @@ class SamplingParams:
                 ("stop_token_ids", self.stop_token_ids),
                 ("logit_bias", list(self.logit_bias)),
             ):
-                for t in ids:
-                    if not 0 <= t < vocab_size:
-                        bad(name, f"token id {t} is outside the vocabulary (size {vocab_size})")
+                if (t := outside_vocab(ids, vocab_size)) is not None:
+                    bad(name, f"token id {t} is outside the vocabulary (size {vocab_size})")
 
     @property
     def grammar(self) -> tuple[str, str] | None:
@@ -157,3 +157,9 @@ class SamplingParams:
             or self.presence_penalty != 0
             or self.repetition_penalty != 1
         )
+
+
+def outside_vocab(ids: Iterable[int], vocab_size: int) -> int | None:
+    """The first id that is no token of a vocabulary of `vocab_size`, or None: the one
+    vocabulary rule for prompts, stop tokens and logit biases."""
+    return next((t for t in ids if not 0 <= t < vocab_size), None)
