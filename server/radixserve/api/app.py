@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from radixserve import __version__
 from radixserve.api.errors import error_body, install_error_handlers
 from radixserve.api.native import router as native_router
-from radixserve.api.openai_api import router as openai_router
+from radixserve.api.openai import router as openai_router
 from radixserve.api.state import ServerState
 from radixserve.api.state import default_served_name as default_served_name  # re-exported
 from radixserve.config import ServerArgs

@@ -1,6 +1,7 @@
-"""What the OpenAI and native routes share: sampling params from a request, starting the
-sequences of a request (n per prompt) with metrics attached, merging their streams, SSE
-framing, and cancelling work whose client went away.
+"""What the OpenAI and native routes share: starting the sequences of a request (n per
+prompt) with admission and metrics attached, merging their streams, collecting them, the
+skeleton of a stream (a Formatter's events as SSE), and cancelling work whose client went
+away.
 
 Every sequence is streamed from the engine, even for non-streamed responses, so the
 time-to-first-token and inter-token histograms measure the same thing in both.
@@ -241,22 +242,37 @@ async def until_disconnected(request: Request, work: Awaitable):
     return task.result()
 
 
-def finish_reason(chunk: GenerateChunk) -> tuple[str | None, int | str | None]:
-    """OpenAI's finish_reason and SGLang's matched_stop from the engine's reason."""
-    fr = chunk.finish_reason
-    if fr is None:
-        return None, None
-    return fr.type, fr.matched_stop
+class Formatter:
+    """One API's output for one request: the whole response of a collected request, or the
+    events of a streamed one (opening, one per chunk or none, closing)."""
+
+    def response(self, seqs: Sequences, finals: list[Final]) -> Any:
+        raise NotImplementedError
+
+    def opening(self, seqs: Sequences) -> list[BaseModel | dict]:
+        return []
+
+    def event(self, seqs: Sequences, chunk: GenerateChunk) -> BaseModel | dict | None:
+        raise NotImplementedError
+
+    def closing(self, seqs: Sequences) -> list[BaseModel | dict]:
+        return []
 
 
-def usage_of(finals_or_chunks: list[GenerateChunk], n: int) -> dict[str, Any]:
-    """Usage over choices: each prompt counted once (choice 0 of its group), every completion."""
-    prompt = sum(c.prompt_tokens for c in finals_or_chunks[::n])
-    cached = sum(c.cached_tokens for c in finals_or_chunks[::n])
-    completion = sum(c.completion_tokens for c in finals_or_chunks)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
-    }
+async def stream_events(seqs: Sequences, fmt: Formatter) -> AsyncIterator[str]:
+    """The SSE stream of a request: its formatter's events, an error event if the engine or
+    the request fails after the 200 went out, then [DONE]; closing it aborts the sequences."""
+    try:
+        for event in fmt.opening(seqs):
+            yield sse(event)
+        async for chunk in seqs.merged():
+            event = fmt.event(seqs, chunk)
+            if event is not None:
+                yield sse(event)
+        for event in fmt.closing(seqs):
+            yield sse(event)
+    except (EngineError, APIError) as e:
+        yield sse_error(e)
+    finally:
+        await seqs.aclose()
+    yield DONE

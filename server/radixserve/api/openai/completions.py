@@ -1,0 +1,147 @@
+"""/v1/completions: prompts as text or token ids, n choices each, echo and logprobs."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from radixserve.api.errors import bad_request
+from radixserve.api.openai.common import (
+    ChoicesFormatter,
+    finish_reason,
+    finite,
+    open_generation,
+    params_fields,
+)
+from radixserve.api.protocol import (
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+)
+from radixserve.api.serving import (
+    Final,
+    Sequences,
+    SSEResponse,
+    collect,
+    off_loop,
+    start_sequences,
+    stream_events,
+    until_disconnected,
+)
+from radixserve.api.state import ServerState, get_state
+from radixserve.api.validate import as_batch, check_batch, check_prompt, check_text, make_params
+from radixserve.engine.client import GenerateChunk
+
+router = APIRouter()
+
+
+async def _completion_prompts(
+    state: ServerState, prompt, n: int
+) -> tuple[list[list[int]], list[str | None]]:
+    """Token ids and text of each prompt (a string, strings, ids, or lists of ids)."""
+    prompt, _ = as_batch(prompt, "prompt")
+    check_batch(len(prompt), n, "prompt")
+
+    def encode() -> list[list[int]]:
+        return [
+            state.client.encode(check_text(p, "prompt")) if isinstance(p, str) else list(p)
+            for p in prompt
+        ]
+
+    texts = [p if isinstance(p, str) else None for p in prompt]
+    return await off_loop(encode), texts
+
+
+def _logprobs(state: ServerState, lps: list, top_n: int, offset: int) -> CompletionLogprobs:
+    out = CompletionLogprobs()
+    for token_id, lp, alts in lps:
+        text = state.token_text(token_id)
+        out.tokens.append(text)
+        out.token_logprobs.append(finite(lp))
+        out.top_logprobs.append(
+            {state.token_text(a): finite(alp) for a, alp in alts[:top_n]} if top_n else None
+        )
+        out.text_offset.append(offset)
+        offset += len(text)
+    return out
+
+
+class CompletionFormatter(ChoicesFormatter):
+    """A choice is the completion's text, after its prompt when echoed."""
+
+    prefix = "cmpl"
+    response_type = CompletionResponse
+    chunk_type = CompletionChunk
+
+    def __init__(
+        self, state: ServerState, req: CompletionRequest, model: str, echoes: list[str]
+    ) -> None:
+        super().__init__(state, model, req.stream_options, per_chunk_usage=False)
+        self.want_lp = req.logprobs is not None
+        self.top_n = req.logprobs or 0
+        self.echoes = echoes
+        self.offsets: dict[int, int] = {}
+
+    def _echo(self, seqs: Sequences, index: int) -> str:
+        return self.echoes[index // seqs.n] if self.echoes else ""
+
+    def choice(self, seqs: Sequences, final: Final) -> CompletionChoice:
+        c = final.chunk
+        reason, matched = finish_reason(c)
+        lps = _logprobs(self.state, final.logprobs, self.top_n, 0) if self.want_lp else None
+        return CompletionChoice(
+            index=c.index,
+            text=self._echo(seqs, c.index) + c.text,
+            logprobs=lps,
+            finish_reason=reason,
+            matched_stop=matched,
+        )
+
+    def stream_choice(self, seqs: Sequences, c: GenerateChunk) -> CompletionChoice | None:
+        first = c.index not in self.offsets
+        reason, matched = finish_reason(c)
+        text = self._echo(seqs, c.index) + c.delta if first else c.delta
+        offset = self.offsets.setdefault(c.index, 0)
+        if not text and reason is None and not (self.want_lp and c.logprobs):
+            return None
+        lps = None
+        if self.want_lp:
+            lps = _logprobs(self.state, c.logprobs, self.top_n, offset)
+            self.offsets[c.index] = offset + sum(len(t) for t in lps.tokens)
+        return CompletionChoice(
+            index=c.index, text=text, logprobs=lps, finish_reason=reason, matched_stop=matched
+        )
+
+
+@router.post("/v1/completions")
+async def completions(req: CompletionRequest, request: Request):
+    state = get_state(request)
+    model = open_generation(state, req)
+    if req.suffix:
+        raise bad_request("suffix: insertion (suffix) is not supported", "suffix")
+    if req.best_of is not None and req.best_of != req.n:
+        raise bad_request("best_of: only best_of == n is supported", "best_of")
+    if req.echo and req.logprobs is not None:
+        raise bad_request("echo: prompt logprobs (echo with logprobs) are not supported", "echo")
+    ids, texts = await _completion_prompts(state, req.prompt, req.n)
+    for p in ids:
+        check_prompt(state.info, p, "prompt", max_tokens=req.max_tokens)
+    max_tokens = req.max_tokens if req.max_tokens is not None else 16
+    params = make_params(params_fields(req, max_tokens), state.info, openai_names=True)
+    want_lp = req.logprobs is not None
+    top_n = req.logprobs or 0
+    seqs = await start_sequences(
+        state, ids, [params] * len(ids), "/v1/completions", req.rid, want_lp, top_n, req.timeout
+    )
+    echoes = []
+    if req.echo:
+        echoes = [
+            t if t is not None else state.client.tokenizer.decode(i)
+            for i, t in zip(ids, texts, strict=True)
+        ]
+    fmt = CompletionFormatter(state, req, model, echoes)
+    if req.stream:
+        return SSEResponse(stream_events(seqs, fmt))
+    finals = await until_disconnected(request, collect(seqs))
+    return fmt.response(seqs, finals)
