@@ -38,6 +38,10 @@ def configure(settings: kopf.OperatorSettings) -> None:
     for group_version, plural in CHILD_WATCHES:
         settings.watching.label_selectors[group_version, plural] = selector
     settings.networking.request_timeout = 60
+    # A ModelDeployment being deleted keeps its finalizer until the resync timer has exited;
+    # one caught mid-reconcile (a model probe, the applies) is rechecked after this long,
+    # not kopf's default 60 s.
+    settings.background.cancellation_polling = 2.0
 
 
 def register(

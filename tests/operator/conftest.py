@@ -1,8 +1,9 @@
 """Run the real operator (kopf) against kmock, an in-memory Kubernetes API.
 
-kmock stores and watches objects but runs no controllers, so tests play the cluster's
-part themselves: they write a Deployment's status, bump `generation` on spec changes, and
-answer the model probe (hostnames under .svc.cluster.local resolve to kmock).
+kmock stores and watches objects but runs no controllers, so tests play the controllers'
+part themselves: they write a Deployment's status and answer the model probe (hostnames
+under .svc.cluster.local resolve to kmock). The API server's own bookkeeping
+(resourceVersion, generation, server-side apply) is emulator.py's.
 """
 
 from __future__ import annotations

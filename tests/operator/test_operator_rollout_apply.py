@@ -9,6 +9,7 @@ selectors, refusals) is the emulator's.
 from __future__ import annotations
 
 import asyncio
+import copy
 
 import pytest
 from operator_harness import (
@@ -46,11 +47,7 @@ async def test_a_spec_change_is_not_ready_until_the_deployment_rolled_it_out(
 ) -> None:
     await ready(cluster)
 
-    await patch(
-        cluster,
-        f"{MD_PATH}/demo",
-        {"metadata": {"generation": 2}, "spec": {"engine": {"contextLength": 4096}}},
-    )
+    await patch(cluster, f"{MD_PATH}/demo", {"spec": {"engine": {"contextLength": 4096}}})
     # The API server bumped the Deployment's generation; its controller has not caught up,
     # so the old pod is still the one that is ready.
     await eventually(lambda: obj(cluster, DEPLOYMENTS)["metadata"]["generation"] == 2)
@@ -63,8 +60,42 @@ async def test_a_spec_change_is_not_ready_until_the_deployment_rolled_it_out(
         "RolloutInProgress",
     )
 
+    # The controller rolls generation 2 out: now, and only now, it is Ready.
+    rolled = copy.deepcopy(READY_DEPLOYMENT_STATUS)
+    rolled["status"]["observedGeneration"] = 2
+    await patch(cluster, f"{DEPLOY_PATH}/demo/status", rolled)
+    status = await eventually(lambda: (s := obj(cluster, MD)["status"])["phase"] == "Ready" and s)
+    assert status["observedGeneration"] == 2
     # A surge rollout (new pod up, old one still serving) is covered by the pure status
     # tests in test_operator_status.py.
+
+
+def dry_runs(cluster) -> int:
+    """The operator's dry-run applies of the Deployment: one per reconcile."""
+    return sum(
+        1
+        for r in cluster
+        if r.params.get("dryRun") == "All" and r.url.path == f"{DEPLOY_PATH}/demo"
+    )
+
+
+async def test_one_spec_change_is_one_deployment_generation(cluster, operator) -> None:
+    """The operator applies each spec once: no stale body re-applies an older spec (which
+    would roll the pods back and forth) and no resync bumps the generation."""
+    await ready(cluster)
+    await patch(cluster, f"{MD_PATH}/demo", {"spec": {"engine": {"contextLength": 4096}}})
+    await eventually(lambda: obj(cluster, MD)["status"]["observedGeneration"] == 2)
+
+    seen = dry_runs(cluster)
+    await eventually(lambda: dry_runs(cluster) >= seen + 4, timeout=20)  # several resyncs
+
+    generations = [
+        v["metadata"]["generation"] for v in cluster.objects[DEPLOYMENTS, NS, "demo"].history
+    ]
+    assert sorted(set(generations)) == [1, 2]
+    args = obj(cluster, DEPLOYMENTS)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--context-length") + 1] == "4096"
+    assert obj(cluster, MD)["metadata"]["generation"] == 2
 
 
 async def test_a_name_no_service_may_carry_fails_with_the_reason(cluster, operator) -> None:
@@ -107,7 +138,6 @@ async def test_an_immutable_cache_change_does_not_stop_reconciling(cluster, oper
         cluster,
         f"{MD_PATH}/demo",
         {
-            "metadata": {"generation": 2},
             "spec": {"replicas": 2, "modelCache": {"accessMode": "ReadWriteMany"}},
         },
     )
@@ -157,9 +187,7 @@ async def test_fields_another_controller_added_survive_the_apply(cluster, operat
     live["spec"]["template"]["spec"]["containers"].append(sidecar)
     cluster.objects[DEPLOYMENTS, NS, "demo"].history.append(live)
 
-    await patch(
-        cluster, f"{MD_PATH}/demo", {"metadata": {"generation": 2}, "spec": {"replicas": 2}}
-    )
+    await patch(cluster, f"{MD_PATH}/demo", {"spec": {"replicas": 2}})
 
     await eventually(lambda: obj(cluster, DEPLOYMENTS)["spec"]["replicas"] == 2)
     names = [c["name"] for c in obj(cluster, DEPLOYMENTS)["spec"]["template"]["spec"]["containers"]]
