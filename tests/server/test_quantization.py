@@ -123,7 +123,12 @@ def test_int8_dynamic_head_keeps_the_embedding_dense():
 
 @pytest.mark.parametrize(
     ("klass", "dtype", "quant"),
-    [("bf16", "bfloat16", "int4"), ("avx512", "float32", "none"), ("avx2", "float32", "none")],
+    [
+        ("bf16", "bfloat16", "int4"),
+        ("avx512", "float32", "int4"),
+        ("avx2", "float32", "int4"),
+        ("other", "float32", "none"),
+    ],
 )
 def test_auto_choice_per_cpu_class(monkeypatch, klass, dtype, quant):
     """The policy of every class, whatever this machine is (its class is faked)."""
@@ -134,14 +139,17 @@ def test_auto_choice_per_cpu_class(monkeypatch, klass, dtype, quant):
     assert path.cpu_class == klass and path.reason
     # an explicit float32 is the exact mode on every class
     assert cpu_path.choose("float32", "auto", int4_exact=True)[1] == "none"
-    # int4 needs the exact 4-bit packing: a model that is not a Q4 GGUF keeps bfloat16
-    if klass == "bf16":
-        assert cpu_path.choose("auto", "auto", int4_exact=False)[1] == "none"
+    # int4 needs the exact 4-bit packing: a model that is not a Q4 GGUF keeps the dense path
+    assert cpu_path.choose("auto", "auto", int4_exact=False)[1] == "none"
+    # a dtype that is not the class's own (bfloat16 emulated, float32 where bf16 is native)
+    # is taken as asked, without int4
+    other = "float32" if klass == "bf16" else "bfloat16"
+    assert cpu_path.choose(other, "auto", int4_exact=True)[1] == "none"
 
 
 def test_auto_quantization_choice():
     gguf = resolve_model(default_model_path())
-    expected = "int4" if cpu_path.bf16_native() else "none"
+    expected = "int4" if cpu_path.int4_available() else "none"
     assert resolve_quantization("auto", gguf, "cpu", "auto") == expected
     assert resolve_quantization("auto", gguf, "cpu", "float32") == "none"  # exact mode
     assert resolve_quantization("auto", gguf, "cuda", "auto") == "none"
@@ -153,11 +161,13 @@ def test_auto_quantization_choice():
 
 @pytest.mark.slow
 def test_default_model_answers_with_the_auto_path():
-    """The default settings on the CPU take this class's path (bfloat16 + int4 where
-    bfloat16 is native, float32 elsewhere) and still answer the README's question right."""
+    """The default settings on the CPU take this class's path (int4 for small batches beside
+    bfloat16 where it is native, beside float32 elsewhere) and still answer the README's
+    question right."""
     args = ServerArgs(device="cpu", max_total_tokens=4096)
     runner = ModelRunner(args)
-    assert runner.quantization == ("int4" if cpu_path.bf16_native() else "none")
+    assert runner.quantization == ("int4" if cpu_path.int4_available() else "none")
+    assert runner.dtype == (torch.bfloat16 if cpu_path.bf16_native() else torch.float32)
     assert runner.cpu_path is not None and runner.cpu_path.quantization == runner.quantization
     tok = load_tokenizer(runner.source)
     sched = Scheduler(args, runner, tok, eos_token_ids(runner.config, tok, runner.source.folder))
@@ -167,7 +177,9 @@ def test_default_model_answers_with_the_auto_path():
         tokenize=True,
     )
     ids = list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
-    sched.add_request(TokenizedGenerateReq("q", ids, SamplingParams(max_new_tokens=24)))
+    sched.add_request(
+        TokenizedGenerateReq("q", ids, SamplingParams(max_new_tokens=24, temperature=0.0))
+    )
     out: list[int] = []
     while sched.has_work():
         for o in sched.step():

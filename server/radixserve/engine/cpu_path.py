@@ -10,13 +10,15 @@ figures.
   weights and activations, plus weight-only int4 from a 4-bit GGUF (exact) for decode
   batches of up to 8 and an int8 LM head: bfloat16 matmuls are about 2x float32 there.
 - avx512 / avx2: no native bfloat16 (Zen 2/3, Haswell to Skylake, Skylake-SP, Ice Lake).
-  bfloat16 is emulated (slower than float32) and torch's int4 kernel wants bfloat16
-  activations, so float32, exact. `--quantization int8` (int8 weights, dynamic int8
-  activations through fbgemm, every linear layer and the LM head) is 1.7-3.4x faster per
-  decode step here (Zen 3, 2 threads) but fbgemm quantizes each call's activations with
-  one scale for the whole tensor (7-bit on AVX2): its teacher-forced top-1 agreement with
-  float32 on the default model measured 51%, far below llama.cpp's per-block Q8
-  activations, so `auto` does not pick it (docs/engine.md).
+  bfloat16 matmuls are emulated (slower than float32), so float32 stays the dtype of every
+  activation, norm, attention and large batch. But a decode step at a few rows is bound by
+  reading the weights, and torch's int4 kernel reads a eighth of float32's bytes: for a
+  4-bit GGUF the same exact int4 copy as on the bf16 class serves batches of up to 8 rows
+  (its input rounded to bfloat16 inside the kernel) with the int8 LM head. Measured with
+  the ISA restricted to AVX2: a batch-1 decode step 2.8x faster than float32, and its
+  teacher-forced agreement with float32 is at least llama.cpp's (docs/engine.md).
+  `--quantization int8` (fbgemm's dynamic int8, one activation scale per tensor) stays an
+  opt-in: its agreement measured 49% (Zen 3), far below llama.cpp's per-block Q8.
 """
 
 from __future__ import annotations
@@ -59,6 +61,11 @@ def bf16_native() -> bool:
     return cpu_class()[0] == "bf16"
 
 
+def int4_available() -> bool:
+    """torch's CPU int4 kernel is vectorised for AVX2 and up."""
+    return cpu_class()[0] in ("bf16", "avx512", "avx2")
+
+
 def int8_available() -> bool:
     """fbgemm's dynamic int8 linear needs an x86 CPU with AVX2 at least."""
     return "fbgemm" in torch.backends.quantized.supported_engines and cpu_class()[0] in (
@@ -86,13 +93,20 @@ def choose(
         dtype = getattr(torch, dtype_choice)
     quant = quant_choice
     if quant_choice == "auto":
-        if dtype == torch.bfloat16 and klass == "bf16" and int4_exact:
+        native_dtype = torch.bfloat16 if klass == "bf16" else torch.float32
+        exact_mode = dtype == torch.float32 and dtype_choice != "auto"
+        if not exact_mode and dtype == native_dtype and int4_exact and int4_available():
             quant = "int4"
-            reasons.append("the 4-bit GGUF packs into int4 exactly; bfloat16 activations")
+            reasons.append(
+                "the 4-bit GGUF packs into int4 exactly: int4 weights and an int8 LM head "
+                "for decode batches of up to 8 rows"
+            )
         else:
             quant = "none"
-            if dtype == torch.float32:
+            if exact_mode:
                 reasons.append("float32 asked for: the exact mode")
+            elif not int4_exact:
+                reasons.append("not a 4-bit GGUF: no exact int4 copy of the weights")
     elif quant_choice == "int8" and not int8_available():
         raise ValueError(
             f"--quantization int8 needs fbgemm on an x86 CPU with AVX2 (this one: {capability})"

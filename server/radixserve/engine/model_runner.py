@@ -70,7 +70,7 @@ def int4_exact(source: ModelSource) -> bool:
 def resolve_quantization(choice: str, source: ModelSource, device: str, dtype_choice: str) -> str:
     """On the CPU `auto` picks per CPU class (engine/cpu_path.py); on a GPU it is none."""
     if device.startswith("cpu"):
-        exact = choice == "auto" and cpu_path.bf16_native() and int4_exact(source)
+        exact = choice == "auto" and cpu_path.int4_available() and int4_exact(source)
         return cpu_path.choose(dtype_choice, choice, exact)[1]
     if choice in ("int4", "int8"):
         raise ValueError(
@@ -95,7 +95,7 @@ class ModelRunner:
         self.cpu_path: cpu_path.CpuPath | None = None
         if self.device == "cpu":
             # reading the GGUF's tensor types costs a second open: only where int4 can win
-            exact = args.quantization == "auto" and cpu_path.bf16_native()
+            exact = args.quantization == "auto" and cpu_path.int4_available()
             self.dtype, self.quantization, self.cpu_path = cpu_path.choose(
                 args.dtype, args.quantization, exact and int4_exact(self.source)
             )

@@ -181,8 +181,20 @@ class ParallelLMHead(VocabParallelEmbedding):
         return lm_logits(hidden, self)
 
 
+# Logits of the leading candidates that a lossy head recomputes exactly (see lm_logits).
+RESCORE_TOP_K = 16
+
+
 def lm_logits(hidden: torch.Tensor, head: VocabParallelEmbedding) -> torch.Tensor:
-    """Full-vocabulary float32 logits from a vocabulary-split weight (embedding or head)."""
+    """Full-vocabulary float32 logits from a vocabulary-split weight (embedding or head).
+
+    A head that is not float32 end to end (the int8 copies, a bfloat16 weight) returns its
+    logits rounded to bfloat16 or worse: at a logit of 20 that is a step of 0.125, enough to
+    swap the two leading tokens. So its RESCORE_TOP_K best candidates per row are scored
+    again in float32 from the dense rows (a gather of k rows, no extra weight pass): the
+    greedy token and the candidates that carry the probability mass are exact, the rest of
+    the vocabulary keeps the fast approximation."""
+    approximate = True
     if head.int8_dynamic is not None:
         local = int8_dynamic_mm(hidden, head.int8_dynamic)
     elif head.int8 is not None and hidden.shape[0] <= SMALL_BATCH_ROWS:
@@ -190,4 +202,11 @@ def lm_logits(hidden: torch.Tensor, head: VocabParallelEmbedding) -> torch.Tenso
         local = torch.ops.aten._weight_int8pack_mm(hidden.to(torch.bfloat16), q, scale)
     else:
         local = F.linear(hidden, head.weight)
-    return all_gather_last_dim(local, head.shard_sizes).float()
+        approximate = local.dtype != torch.float32
+    local = local.float()
+    if approximate and 0 < RESCORE_TOP_K < local.shape[-1] and hidden.shape[0]:
+        top = local.topk(RESCORE_TOP_K, dim=-1).indices  # [rows, k]
+        rows = head.weight[top].float()  # [rows, k, hidden]
+        exact = torch.bmm(rows, hidden.float().unsqueeze(-1)).squeeze(-1)
+        local.scatter_(-1, top, exact)
+    return all_gather_last_dim(local, head.shard_sizes)
