@@ -91,7 +91,7 @@ class Metrics:
             registry=self.registry,
         )
 
-        # admission control's own counts (api/serving.py _admit), kept in this process
+        # admission control's own counts (api/admission.py), kept in this process
         self.open_sequences = Gauge(
             "radixserve_open_sequences",
             "sequences admitted by the HTTP server and not finished (queued or running)",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -20,15 +19,14 @@ from radixserve.api.protocol import (
     TokenizeRequest,
 )
 from radixserve.api.serving import (
-    DONE,
+    Final,
+    Formatter,
+    GenerationJob,
     Sequences,
-    SSEResponse,
     collect,
     off_loop,
-    sse,
-    sse_error,
+    serve,
     start_sequences,
-    until_disconnected,
 )
 from radixserve.api.state import ServerState, get_state
 from radixserve.api.validate import (
@@ -46,15 +44,31 @@ router = APIRouter()
 
 
 # ---- generation -------------------------------------------------------------------------------
-def _output(state: ServerState, c: GenerateChunk, lps: list, arrival: float) -> dict:
-    meta = c.meta_info()
-    meta["e2e_latency"] = time.perf_counter() - arrival
-    if lps:
-        meta["output_token_logprobs"] = [[lp, t, state.token_text(t)] for t, lp, _ in lps]
-        meta["output_top_logprobs"] = [
-            [[alp, a, state.token_text(a)] for a, alp in alts] for _, _, alts in lps
-        ]
-    return {"text": c.text, "output_ids": c.output_ids, "meta_info": meta, "index": c.index}
+class GenerateFormatter(Formatter):
+    """SGLang's shape: per sequence its cumulative text, output ids and meta_info; a stream
+    event per update carries the new tokens' logprobs."""
+
+    def __init__(self, state: ServerState, single: bool) -> None:
+        self.state = state
+        self.single = single  # one prompt, n=1: the object itself, not a list of one
+
+    def _output(self, seqs: Sequences, c: GenerateChunk, lps: list) -> dict:
+        meta = c.meta_info()
+        meta["e2e_latency"] = time.perf_counter() - seqs.arrival
+        if lps:
+            text = self.state.token_text
+            meta["output_token_logprobs"] = [[lp, t, text(t)] for t, lp, _ in lps]
+            meta["output_top_logprobs"] = [
+                [[alp, a, text(a)] for a, alp in alts] for _, _, alts in lps
+            ]
+        return {"text": c.text, "output_ids": c.output_ids, "meta_info": meta, "index": c.index}
+
+    def response(self, seqs: Sequences, finals: list[Final]) -> dict | list[dict]:
+        outs = [self._output(seqs, f.chunk, f.logprobs) for f in finals]
+        return outs[0] if self.single else outs
+
+    def event(self, seqs: Sequences, chunk: GenerateChunk) -> dict:
+        return self._output(seqs, chunk, chunk.logprobs)
 
 
 @router.post("/generate")
@@ -62,15 +76,21 @@ async def generate(req: GenerateRequest, request: Request):
     state = get_state(request)
     state.check_ready()
     state.check_generation()
+    job, single = await _job(state, req)
+    return await serve(request, state, job, GenerateFormatter(state, single))
+
+
+async def _job(state: ServerState, req: GenerateRequest) -> tuple[GenerationJob, bool]:
+    """The request adapter: text or ids, one params per prompt (or one for all); and whether
+    the answer is one object (one prompt, n=1) rather than a list."""
     if (req.text is None) == (req.input_ids is None):
         raise bad_request("give exactly one of text or input_ids", "text")
     param = "text" if req.text is not None else "input_ids"
     prompts, single = as_batch(req.text if req.text is not None else req.input_ids, param)
     if req.text is not None:
-        check_batch(len(prompts), 1, param)
-        prompts = await off_loop(
-            lambda: [state.client.encode(check_text(t, param)) for t in prompts]
-        )
+        texts = prompts
+        check_batch(len(texts), 1, param)
+        prompts = await off_loop(lambda: [state.client.encode(check_text(t, param)) for t in texts])
     sp = req.sampling_params
     if isinstance(sp, list) and len(sp) != len(prompts):
         raise bad_request("sampling_params: need one entry per prompt", "sampling_params")
@@ -83,33 +103,10 @@ async def generate(req: GenerateRequest, request: Request):
         check_prompt(
             state.info, ids, param, max_tokens=p.max_new_tokens, max_param="max_new_tokens"
         )
-    seqs = await start_sequences(
-        state,
-        prompts,
-        params,
-        "/generate",
-        req.rid,
-        req.return_logprob,
-        req.top_logprobs_num,
-        req.timeout,
+    job = GenerationJob.of(
+        req, "/generate", prompts, params, req.return_logprob, req.top_logprobs_num
     )
-    if req.stream:
-        return SSEResponse(_stream_generate(state, seqs))
-    finals = await until_disconnected(request, collect(seqs))
-    outs = [_output(state, f.chunk, f.logprobs, seqs.arrival) for f in finals]
-    return outs[0] if single and params[0].n == 1 else outs
-
-
-async def _stream_generate(state: ServerState, seqs: Sequences) -> AsyncIterator[str]:
-    """SGLang's stream: each event carries the cumulative text and the new token logprobs."""
-    try:
-        async for c in seqs.merged():
-            yield sse(_output(state, c, c.logprobs, seqs.arrival))
-    except (EngineError, APIError) as e:
-        yield sse_error(e)
-    finally:
-        await seqs.aclose()
-    yield DONE
+    return job, single and params[0].n == 1
 
 
 # ---- health -------------------------------------------------------------------------------------
@@ -145,10 +142,8 @@ async def health_generate(request: Request) -> dict:
             await state.client.embed([state.client.encode("ping")])
         else:
             params = SamplingParams(max_new_tokens=1, temperature=0.0)
-            seqs = await start_sequences(
-                state, [state.client.encode("ping")], [params], "/health_generate"
-            )
-            await collect(seqs)
+            job = GenerationJob([state.client.encode("ping")], [params], "/health_generate")
+            await collect(await start_sequences(state, job))
     except EngineError as e:
         raise APIError(503, f"engine unavailable: {e}", code="engine_error") from e
     return {"status": "ok"}

@@ -1,7 +1,7 @@
-"""What the OpenAI and native routes share: starting the sequences of a request (n per
-prompt) with admission and metrics attached, merging their streams, collecting them, the
-skeleton of a stream (a Formatter's events as SSE), and cancelling work whose client went
-away.
+"""The API's one path to the engine, whatever the protocol: a route's request adapter
+makes a GenerationJob; `serve` submits it (admission, n sequences per prompt, metrics),
+then streams or collects the sequences, and the API's Formatter writes the response or the
+SSE events. Also SSE framing and cancelling work whose client went away.
 
 Every sequence is streamed from the engine, even for non-streamed responses, so the
 time-to-first-token and inter-token histograms measure the same thing in both.
@@ -93,24 +93,55 @@ async def off_loop(fn, *args, **kwargs):
     return await asyncio.to_thread(fn, *args, **kwargs)
 
 
-async def start_sequences(
-    state: ServerState,
-    prompts: list[list[int]],
-    params: list[SamplingParams],
-    route: str,
-    rid: str | None = None,
-    return_logprob: bool = False,
-    top_logprobs_num: int = 0,
-    timeout: float | None = None,
-) -> Sequences:
+@dataclass
+class GenerationJob:
+    """What a request adapter makes of one API's request: prompts as token ids, their
+    sampling params (n each, the same n), and how to run them. API-neutral: every
+    generation route hands one to `serve`."""
+
+    prompts: list[list[int]]
+    params: list[SamplingParams]
+    route: str  # the metrics label
+    stream: bool = False
+    rid: str | None = None
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    timeout: float | None = None
+
+    @classmethod
+    def of(
+        cls,
+        req: Any,
+        route: str,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        logprobs: bool = False,
+        top_n: int = 0,
+    ) -> GenerationJob:
+        """A job taking stream, rid and timeout from the request: every API names them so."""
+        return cls(prompts, params, route, req.stream, req.rid, logprobs, top_n, req.timeout)
+
+
+async def serve(request: Request, state: ServerState, job: GenerationJob, fmt: Formatter):
+    """The one pass of every generation route: submit the job, then stream its events or
+    collect its sequences, in the API's shape that `fmt` writes."""
+    seqs = await start_sequences(state, job)
+    if job.stream:
+        return SSEResponse(stream_events(seqs, fmt))
+    finals = await until_disconnected(request, collect(seqs))
+    return fmt.response(seqs, finals)
+
+
+async def start_sequences(state: ServerState, job: GenerationJob) -> Sequences:
     """n sequences per prompt, choice index = prompt * n + i (OpenAI's order)."""
-    rid = rid or uuid.uuid4().hex
+    prompts, params = job.prompts, job.params
+    rid = job.rid or uuid.uuid4().hex
     arrival = time.perf_counter()
     kw = {
         "stream": True,
-        "return_logprob": return_logprob,
-        "top_logprobs_num": top_logprobs_num,
-        "deadline": deadline_of(state, timeout),
+        "return_logprob": job.return_logprob,
+        "top_logprobs_num": job.top_logprobs_num,
+        "deadline": deadline_of(state, job.timeout),
     }
     n = params[0].n
     tickets = state.admission.admit(
@@ -138,7 +169,7 @@ async def start_sequences(
     for g in groups:
         for i, s in enumerate(g):
             ticket = tickets[len(streams)]
-            tracked = _tracked(s, base + i, state.metrics.timer(arrival, route), ticket)
+            tracked = _tracked(s, base + i, state.metrics.timer(arrival, job.route), ticket)
             # a stream closed or dropped before it ever ran skips its finally: free it then
             weakref.finalize(tracked, ticket.free)
             streams.append(tracked)

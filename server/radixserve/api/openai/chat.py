@@ -27,16 +27,7 @@ from radixserve.api.protocol import (
     ChatTokenLogprob,
     DeltaMessage,
 )
-from radixserve.api.serving import (
-    Final,
-    Sequences,
-    SSEResponse,
-    collect,
-    off_loop,
-    start_sequences,
-    stream_events,
-    until_disconnected,
-)
+from radixserve.api.serving import Final, GenerationJob, Sequences, off_loop, serve
 from radixserve.api.state import ServerState, get_state
 from radixserve.api.tools import (
     ToolCall,
@@ -100,8 +91,15 @@ def _chat_messages(req: ChatCompletionRequest) -> list[dict]:
 async def chat_completions(req: ChatCompletionRequest, request: Request):
     state = get_state(request)
     model = open_generation(state, req)
-    kwargs = dict(req.chat_template_kwargs or {})
     tools = ToolMode.of(state, req)
+    job = await _job(state, req, tools)
+    return await serve(request, state, job, ChatFormatter(state, req, model, tools))
+
+
+async def _job(state: ServerState, req: ChatCompletionRequest, tools: ToolMode) -> GenerationJob:
+    """The request adapter: the conversation through the chat template, checked, with the
+    sampling params (a required tool call is a grammar)."""
+    kwargs = dict(req.chat_template_kwargs or {})
     if req.tools and tools.render:
         kwargs["tools"] = req.tools
     if req.continue_final_message:
@@ -135,14 +133,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     top_n = req.top_logprobs or 0
     if top_n and not req.logprobs:
         raise bad_request("top_logprobs: needs logprobs=true", "top_logprobs")
-    seqs = await start_sequences(
-        state, [ids], [params], "/v1/chat/completions", req.rid, req.logprobs, top_n, req.timeout
-    )
-    fmt = ChatFormatter(state, req, model, tools)
-    if req.stream:
-        return SSEResponse(stream_events(seqs, fmt))
-    finals = await until_disconnected(request, collect(seqs))
-    return fmt.response(seqs, finals)
+    return GenerationJob.of(req, "/v1/chat/completions", [ids], [params], req.logprobs, top_n)
 
 
 class ChatFormatter(ChoicesFormatter):

@@ -19,16 +19,7 @@ from radixserve.api.protocol import (
     CompletionRequest,
     CompletionResponse,
 )
-from radixserve.api.serving import (
-    Final,
-    Sequences,
-    SSEResponse,
-    collect,
-    off_loop,
-    start_sequences,
-    stream_events,
-    until_disconnected,
-)
+from radixserve.api.serving import Final, GenerationJob, Sequences, off_loop, serve
 from radixserve.api.state import ServerState, get_state
 from radixserve.api.validate import as_batch, check_batch, check_prompt, check_text, make_params
 from radixserve.engine.client import GenerateChunk
@@ -118,6 +109,13 @@ class CompletionFormatter(ChoicesFormatter):
 async def completions(req: CompletionRequest, request: Request):
     state = get_state(request)
     model = open_generation(state, req)
+    job, echoes = await _job(state, req)
+    return await serve(request, state, job, CompletionFormatter(state, req, model, echoes))
+
+
+async def _job(state: ServerState, req: CompletionRequest) -> tuple[GenerationJob, list[str]]:
+    """The request adapter: each prompt's ids, checked, one params for all; and the text
+    each echoed prompt shows."""
     if req.suffix:
         raise bad_request("suffix: insertion (suffix) is not supported", "suffix")
     if req.best_of is not None and req.best_of != req.n:
@@ -129,19 +127,12 @@ async def completions(req: CompletionRequest, request: Request):
         check_prompt(state.info, p, "prompt", max_tokens=req.max_tokens)
     max_tokens = req.max_tokens if req.max_tokens is not None else 16
     params = make_params(params_fields(req, max_tokens), state.info, openai_names=True)
-    want_lp = req.logprobs is not None
-    top_n = req.logprobs or 0
-    seqs = await start_sequences(
-        state, ids, [params] * len(ids), "/v1/completions", req.rid, want_lp, top_n, req.timeout
-    )
     echoes = []
     if req.echo:
         echoes = [
             t if t is not None else state.client.tokenizer.decode(i)
             for i, t in zip(ids, texts, strict=True)
         ]
-    fmt = CompletionFormatter(state, req, model, echoes)
-    if req.stream:
-        return SSEResponse(stream_events(seqs, fmt))
-    finals = await until_disconnected(request, collect(seqs))
-    return fmt.response(seqs, finals)
+    lps = req.logprobs is not None
+    job = GenerationJob.of(req, "/v1/completions", ids, [params] * len(ids), lps, req.logprobs or 0)
+    return job, echoes
