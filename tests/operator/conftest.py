@@ -9,6 +9,7 @@ under .svc.cluster.local resolve to kmock). The API server's own bookkeeping
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -58,15 +59,19 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-@pytest.fixture
-async def operator(
-    cluster: kmock_lib.KubernetesEmulator, request: pytest.FixtureRequest
+@contextlib.asynccontextmanager
+async def running_operator(
+    cluster: kmock_lib.KubernetesEmulator,
+    namespaces: list[str] | None = None,
+    post_events: bool = False,
+    server_side_selectors: bool = True,
 ) -> AsyncIterator[Reconciler]:
-    """The operator's own handlers on a fresh registry, logged in to kmock."""
-    marker = request.node.get_closest_marker("operator_options")
-    options = marker.kwargs if marker else {}
-    namespaces: list[str] = options.get("namespaces", [])
-    post_events: bool = options.get("post_events", False)
+    """The operator's own handlers on a fresh registry, logged in to kmock, until exit.
+
+    `server_side_selectors=False` drops the label selectors from kopf's watches, as the
+    operator ran before it filtered on the API server (to measure what that cost).
+    """
+    namespaces = namespaces or []
     registry = kopf.OperatorRegistry()
     reconciler = Reconciler(kube=KubeClient(str(cluster.url)), probe_timeout=2.0)
     handlers.register(registry, reconciler, resync_seconds=0.5)
@@ -77,14 +82,16 @@ async def operator(
 
     @kopf.on.startup(registry=registry)
     def quiet(settings: kopf.OperatorSettings, **_: Any) -> None:
-        # kmock names objects by metadata.name only, so it cannot store kopf's Events
-        # (generateName); tests that check the calls kopf makes turn posting on.
+        # kopf's Events (one per warning) only add noise to most tests; those that check
+        # the calls kopf makes turn posting on.
         settings.posting.enabled = post_events
         settings.watching.reconnect_backoff = 0.1
         # Watching named namespaces, kopf lists /api/v1/namespaces to follow them; kmock 0.8
         # answers that path with a 500 (its path parser expects a name after "namespaces").
         # Without scanning, kopf takes the names as given (and skips watching CRDs too).
         settings.scanning.disabled = bool(namespaces)
+        if not server_side_selectors:
+            settings.watching.label_selectors.clear()
 
     # On stop, kopf gives every task that appeared while it ran (besides its root tasks)
     # 5s to finish, then cancels it. Here those are kmock's server tasks, this teardown
@@ -105,9 +112,22 @@ async def operator(
         stop_flag=stop,
     )
     runner = asyncio.create_task(kopf.run_tasks(tasks, ignored=Untouchable(asyncio.all_tasks())))
-    yield reconciler
-    stopping = True
-    stop.set()
-    done, _ = await asyncio.wait({runner}, timeout=15)
+    try:
+        yield reconciler
+    finally:
+        stopping = True
+        stop.set()
+        done, _ = await asyncio.wait({runner}, timeout=15)
+        await reconciler.kube.close()  # a handler may have reopened it after kopf's cleanup
     assert runner in done, "the operator did not stop within 15s"
-    await reconciler.kube.close()  # a handler may have reopened it after kopf's cleanup
+
+
+@pytest.fixture
+async def operator(
+    cluster: kmock_lib.KubernetesEmulator, request: pytest.FixtureRequest
+) -> AsyncIterator[Reconciler]:
+    """The operator running against kmock for the test (options: `operator_options`)."""
+    marker = request.node.get_closest_marker("operator_options")
+    options = marker.kwargs if marker else {}
+    async with running_operator(cluster, **options) as reconciler:
+        yield reconciler

@@ -23,8 +23,9 @@ the way kube-apiserver behaves, as small as the tests need, and says so. Every w
 - deletion: an object with finalizers gets a deletionTimestamp and goes once the last
   finalizer is removed; `generateName` on create;
 - quantities: a CPU written as a decimal ("0.5") is stored canonically ("500m");
-- label selectors (`key=value,...`) on list and watch, with what crossed the wire counted
-  per resource (`delivered` objects, `delivered_bytes` of their JSON);
+- list and watch: label selectors (`key=value,...`); a list answers the current
+  resourceVersion and a watch from it sends only later changes; what crossed the wire is
+  counted per resource (`delivered` objects, `delivered_bytes` of their JSON);
 - `admission`: callables (request, live, new) -> (status, message) | None, for the API
   server's refusals (a 422 on an invalid name or an immutable field).
 
@@ -138,6 +139,11 @@ class Refused(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+def _version(value: str | None) -> int:
+    """A resourceVersion as a number; objects a test stored directly may carry none."""
+    return int(value) if value and value.isdigit() else 0
 
 
 def _now() -> str:
@@ -310,14 +316,22 @@ class ApiServer(kmock_lib.KubernetesEmulator):
         return payload
 
     async def _serve_watch(self, request: Any) -> AsyncIterator[Any]:
+        """Only changes after the `resourceVersion` the client listed at (kmock would replay
+        every object it holds) and only objects the label selector picks."""
         selector = request.params.get("labelSelector")
+        since = _version(request.params.get("resourceVersion"))
         async for event in super()._serve_watch(request):
             if isinstance(event, dict):
-                if not selects(selector, event.get("object", {})):
+                found = event.get("object", {})
+                if not selects(selector, found):
                     continue
-                self._count(request.resource, event.get("object", {}))
+                if _version(found.get("metadata", {}).get("resourceVersion")) <= since:
+                    continue
+                self._count(request.resource, found)
             yield event
 
     def _count(self, resource: Any, obj: dict[str, Any]) -> None:
-        self.delivered[str(resource)] += 1
-        self.delivered_bytes[str(resource)] += len(json.dumps(obj))
+        """Under the resource's `group/version/plural` ("apps/v1/deployments")."""
+        key = "/".join(part for part in (resource.group, resource.version, resource.plural) if part)
+        self.delivered[key] += 1
+        self.delivered_bytes[key] += len(json.dumps(obj))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
+import tracemalloc
 
 import pytest
 from operator_harness import (
@@ -25,6 +27,8 @@ from operator_harness import (
     obj,
     patch,
 )
+from radixserve_operator import manifests
+from radixserve_operator import spec as specs
 
 MODELS = {"object": "list", "data": [{"id": "demo", "object": "model"}]}
 
@@ -194,25 +198,53 @@ async def test_fields_another_controller_added_survive_the_apply(cluster, operat
     assert names == ["server", "mesh-proxy"]
 
 
+def unrelated_deployment(name: str) -> dict:
+    """A Deployment the operator has nothing to do with, as big as a real one: built like
+    the operator's own (about 2.4 KB of JSON), under another app's labels."""
+    deployment = manifests.deployment(name, NS, specs.with_defaults({}))
+    deployment["metadata"].update(labels={"app": name}, uid=f"uid-{name}", resourceVersion="1")
+    return deployment
+
+
 @pytest.fixture
 def crowded(cluster):
-    """1,000 Deployments the operator has nothing to do with, there before it starts."""
+    """1,000 unrelated Deployments, there before the operator starts."""
     for index in range(1000):
         name = f"other-{index}"
-        cluster.objects[DEPLOYMENTS, NS, name] = {
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": {"name": name, "namespace": NS, "labels": {"app": name}},
-            "spec": {"replicas": 1, "template": {"spec": {"containers": [{"name": "c"}]}}},
-        }
+        cluster.objects[DEPLOYMENTS, NS, name] = unrelated_deployment(name)
     return cluster
 
 
-async def test_child_watches_are_filtered_by_the_api_server(crowded, operator) -> None:
+def parsed_size(payload: bytes) -> int:
+    """Bytes of Python objects a JSON list becomes once parsed: kopf parses each list
+    response whole (no paging unless told) before it walks the items."""
+    tracemalloc.start()
+    try:
+        items = json.loads(payload)
+        size = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    del items
+    return size
+
+
+async def list_deployments(cluster, selector: str | None) -> bytes:
+    params = {"labelSelector": selector} if selector else {}
+    async with cluster.get("/apis/apps/v1/deployments", params=params) as response:
+        assert response.status == 200
+        return await response.read()
+
+
+async def test_child_watches_are_filtered_by_the_api_server(
+    crowded, operator, record_property
+) -> None:
+    """The memory figure of item 8: what the operator's Deployment watch receives among
+    1,000 unrelated Deployments, against what the same watch costs without the selector."""
     cluster = crowded
     cluster.objects[MD, NS, "demo"] = model_deployment()
     await eventually(lambda: obj(cluster, DEPLOYMENTS))
-    await asyncio.sleep(1.0)
+    await eventually(lambda: cluster.delivered[DEPLOYMENTS] > 0)
+    await asyncio.sleep(1.0)  # resyncs and child events come and go
 
     child_reads = [
         r
@@ -221,12 +253,31 @@ async def test_child_watches_are_filtered_by_the_api_server(crowded, operator) -
         and r.url.path.endswith(("/deployments", "/services"))
     ]
     assert child_reads
+    selector = "app.kubernetes.io/managed-by=radixserve-operator"
     for request in child_reads:
-        assert request.params.get("labelSelector") == (
-            "app.kubernetes.io/managed-by=radixserve-operator"
-        )
-    delivered = sum(
-        n for resource, n in cluster.delivered.items() if "plural='deployments'" in resource
-    )
-    # Only the operator's own Deployment crossed the wire (its events), none of the 1,000.
-    assert delivered <= 5, cluster.delivered
+        assert request.params.get("labelSelector") == selector
+    received = cluster.delivered[DEPLOYMENTS]
+    received_bytes = cluster.delivered_bytes[DEPLOYMENTS]
+    own_bytes = len(json.dumps(obj(cluster, DEPLOYMENTS)))
+
+    # Without the selector, the watch's first list alone would carry all 1,001.
+    everything = await list_deployments(cluster, None)
+    ours = await list_deployments(cluster, selector)
+    figures = {
+        "watch_received_objects": received,
+        "watch_received_bytes": received_bytes,
+        "list_bytes_filtered": len(ours),
+        "list_bytes_unfiltered": len(everything),
+        "list_parsed_bytes_filtered": parsed_size(ours),
+        "list_parsed_bytes_unfiltered": parsed_size(everything),
+    }
+    for name, value in figures.items():
+        record_property(name, value)
+    print(f"\n1,000 unrelated Deployments: {figures}")
+
+    # Only the operator's own Deployment crossed the wire: its create and a few changes.
+    assert received <= 5, cluster.delivered
+    assert received_bytes <= 5 * own_bytes
+    assert len(json.loads(everything)["items"]) == 1001
+    assert figures["list_bytes_unfiltered"] >= 1000 * own_bytes // 2
+    assert figures["list_parsed_bytes_filtered"] * 100 < figures["list_parsed_bytes_unfiltered"]
