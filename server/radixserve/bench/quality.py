@@ -132,8 +132,9 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 # The agreement of llama.cpp's llama-server with float32 on the default model (its Q8
 # activations against the same Q4_1 weights), measured by bench/quality.py as above: the
-# bar a lossy path must reach before `auto` may pick it (issue 12). Where and when it was
-# measured: bench/results/quality-*.md.
+# bar a lossy path must reach before `auto` may pick it (issue 12). Measured on a Zen 3
+# (AVX2) and again, to the same figure, by llama.cpp's AVX2 and native (AVX-512, AMX)
+# builds on a Xeon: bench/results/quality-2026-12-02.md, quality-2026-12-03-*.md.
 LLAMA_CPP_TOP1_AGREEMENT = 0.9711
 
 # The fixed prompt set whose greedy answers docs/engine.md reports for each path; the first
