@@ -1,16 +1,22 @@
 """Gather, on a machine with network, what bench/gpu/run_gpu_bench.py needs on a GPU machine
 that has none (the image has CUDA, PyTorch, transformers and pytest, and no flashinfer or
 server packages). Everything lands in .gpu/ (git-ignored through .git/info/exclude), about
-25 MB, to be carried to the GPU machine with the working tree:
+15 MB, to be carried to the GPU machine with the working tree:
 
-- flashinfer.tar.xz: the files of the flashinfer-python wheel, xz-compressed (the wheel
-  itself is 62 MB, almost all of the 64 MiB a device call may carry; its contents pack to
-  about 16 MB);
-- wheels/: apache-tvm-ffi (what `import flashinfer` needs beyond the image) and the server's
-  dependencies the image lacks, built for CPython 3.12 on x86-64 Linux;
+- flashinfer.tar.xz: the files of the flashinfer-python wheel at the version pyproject's
+  gpu extra pins (the one the server image installs), xz-compressed (0.6.13: a 14 MB
+  wheel, under 6 MB packed; a device call carries 64 MiB in all);
+- wheels/: what `import flashinfer` needs beyond the image (apache-tvm-ffi, in the range
+  flashinfer-python's own metadata asks for) and the server's dependencies the image
+  lacks, built for CPython 3.12 on x86-64 Linux;
 - tokenizer/: the default model's tokenizer and chat template, for the benchmark's
   random-weight model and the benchmark client;
 - sharegpt.json: the ShareGPT conversations the benchmark samples (not the 125 MB file).
+
+flashinfer-cubin, pinned beside flashinfer-python in the gpu extra, is not carried: its
+prebuilt kernels would not fit in a device call, and FlashInfer JIT-compiles the kernels
+there (the image has nvcc). With no cubin installed there is none of another version for
+flashinfer-python to refuse.
 
     .venv/bin/python bench/gpu/prepare.py      # here, ~3 minutes (the xz pass)
     python3 bench/gpu/run_gpu_bench.py         # there, with .gpu carried
@@ -19,20 +25,25 @@ server packages). Everything lands in .gpu/ (git-ignored through .git/info/exclu
 from __future__ import annotations
 
 import argparse
+import email.message
+import email.parser
 import importlib.metadata
 import json
 import subprocess
 import sys
 import tarfile
 import tempfile
+import tomllib
 import zipfile
 from pathlib import Path
 
+from packaging.requirements import Requirement
+
 ROOT = Path(__file__).resolve().parents[2]
 GPU_DIR = ROOT / ".gpu"
-# the version this project's FlashInfer backend was reviewed against (its plan/run API)
-FLASHINFER = "flashinfer-python==0.7.2.post1"
-TVM_FFI = "apache-tvm-ffi>=0.1.11,<0.2"  # flashinfer-python's own pin
+# flashinfer-python's requirements that `import flashinfer` needs and the GPU image lacks
+# (its others there are on the image or optional); carried in the range it asks for
+FLASHINFER_IMPORT_NEEDS = {"apache-tvm-ffi"}
 # the server's imports that the GPU image lacks, with what they need in turn
 SERVER_PACKAGES = ["pyzmq", "fastapi", "uvicorn"]
 # on the GPU image already (see the device notes' package list): not carried
@@ -60,11 +71,36 @@ def norm(name: str) -> str:
     return name.lower().replace("_", "-")
 
 
+def flashinfer_pin() -> Requirement:
+    """flashinfer-python's requirement from pyproject's gpu extra, as the server image
+    installs it, so the benchmark measures the same version."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for line in project["optional-dependencies"]["gpu"]:
+        if norm(Requirement(line).name) == "flashinfer-python":
+            return Requirement(line)
+    raise SystemExit("pyproject.toml's gpu extra does not pin flashinfer-python")
+
+
+def packed_metadata(packed: Path) -> email.message.Message:
+    """The METADATA of the wheel packed in `packed`."""
+    with tarfile.open(packed) as tf:
+        (name,) = [n for n in tf.getnames() if n.endswith(".dist-info/METADATA")]
+        return email.parser.BytesParser().parse(tf.extractfile(name))
+
+
+def flashinfer_needs(metadata: email.message.Message) -> list[str]:
+    """The FLASHINFER_IMPORT_NEEDS requirements as flashinfer-python's METADATA states them."""
+    needs = [Requirement(line) for line in metadata.get_all("Requires-Dist") or []]
+    return [
+        f"{req.name}{req.specifier}"
+        for req in needs
+        if norm(req.name) in FLASHINFER_IMPORT_NEEDS and req.marker is None
+    ]
+
+
 def server_closure() -> list[str]:
     """SERVER_PACKAGES and their requirements, at the versions installed here (so the GPU
     run uses what the tests here use), less what the image has."""
-    from packaging.requirements import Requirement
-
     env = {"python_version": "3.12", "sys_platform": "linux", "implementation_name": "cpython"}
     seen: dict[str, str] = {}
     todo = list(SERVER_PACKAGES)
@@ -138,21 +174,26 @@ def main() -> int:
 
     ignore_gpu_dir()
     GPU_DIR.mkdir(exist_ok=True)
+    packed = GPU_DIR / "flashinfer.tar.xz"
+    pin = flashinfer_pin()
+    keep = args.keep_flashinfer and packed.exists()
+    if keep and packed_metadata(packed)["Version"] not in pin.specifier:
+        print(f"{packed} holds {packed_metadata(packed)['Version']}, not {pin}: replacing it")
+        keep = False
+    if not keep:
+        with tempfile.TemporaryDirectory() as tmp:
+            pip_download([str(pin)], Path(tmp))
+            (wheel,) = Path(tmp).glob("flashinfer_python-*.whl")
+            print(f"repacking {wheel.name} ({wheel.stat().st_size >> 20} MB) as xz", flush=True)
+            repack_xz(wheel, packed)
+
     wheels = GPU_DIR / "wheels"
     for old in wheels.glob("*.whl"):
         old.unlink()
     wheels.mkdir(exist_ok=True)
-    specs = [TVM_FFI, *server_closure()]
+    specs = [*flashinfer_needs(packed_metadata(packed)), *server_closure()]
     print("wheels:", " ".join(specs), flush=True)
     pip_download(specs, wheels)
-
-    packed = GPU_DIR / "flashinfer.tar.xz"
-    if not (args.keep_flashinfer and packed.exists()):
-        with tempfile.TemporaryDirectory() as tmp:
-            pip_download([FLASHINFER], Path(tmp))
-            (wheel,) = Path(tmp).glob("flashinfer_python-*.whl")
-            print(f"repacking {wheel.name} ({wheel.stat().st_size >> 20} MB) as xz", flush=True)
-            repack_xz(wheel, packed)
 
     tokenizer = load_tokenizer(resolve_model(None))
     tokenizer.save_pretrained(GPU_DIR / "tokenizer")
