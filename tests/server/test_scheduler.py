@@ -122,6 +122,9 @@ def test_retraction_under_a_tiny_pool_keeps_outputs(env, one_at_a_time):
     result = run(sched, [(p, GREEDY) for p in env[3]])
     assert sched.stats.num_retractions > 0
     assert tokens(result) == one_at_a_time
+    # a re-admitted request is not counted again: prompts and cache hits once per request
+    assert sched.stats.prompt_tokens == sum(len(p) for p in env[3])
+    assert sched.stats.cache_hit_tokens == sum(r["cached"] for r in result.values())
     assert all(r["finish"].type == "length" for r in result.values())
 
 

@@ -45,6 +45,9 @@ MAX_RESERVE_PER_REQ = 1024
 LPM_MAX_WAITING = 128  # beyond this, prefix matching every waiting request costs too much
 KV_TOO_SMALL = "KV cache too small for this request"
 ABORTED = FinishAbort("aborted")
+# a waiting prompt whose next this-many uncached tokens equal those of a prompt being
+# prefilled waits for that prefill to land in the radix cache (SGLang uses 32 as well)
+IN_BATCH_PREFIX_TOKENS = 32
 
 
 @dataclass
@@ -58,7 +61,10 @@ class Req:
     slots: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
     prefix_len: int = 0  # leading slots owned by the radix tree (locked through last_node)
     last_node: TreeNode | None = None
-    cached_tokens: int = -1  # -1 until first admitted
+    # first admission is recorded once (queue time, prefix-cache hits, prompt tokens): a
+    # retracted request that is admitted again keeps what it reported
+    admitted: bool = False
+    cached_tokens: int = 0
     arrived: float = field(default_factory=time.monotonic)
     queue_time: float | None = None
     queue_time_sent: bool = False
@@ -75,11 +81,6 @@ class Req:
         return self.row.params
 
 
-# a waiting prompt whose next this-many uncached tokens equal those of a prompt being
-# prefilled waits for that prefill to land in the radix cache (SGLang uses 32 as well)
-IN_BATCH_PREFIX_TOKENS = 32
-
-
 def _shares_uncached(fill: list[int], cached: int, pending: list[list[int]]) -> bool:
     """Whether `fill`, beyond its `cached` tokens, starts like one of the `pending` prompts
     for at least IN_BATCH_PREFIX_TOKENS tokens (which a prefill of those puts in the cache)."""
@@ -91,6 +92,9 @@ def _shares_uncached(fill: list[int], cached: int, pending: list[list[int]]) -> 
 
 
 class Scheduler:
+    """Reads top to bottom as a request lives: state, admission, the step, finish."""
+
+    # ---- state: the queues, and requests in and out --------------------------------------
     def __init__(
         self, args: ServerArgs, runner: ModelRunner, tokenizer, eos_ids: list[int]
     ) -> None:
@@ -115,7 +119,9 @@ class Scheduler:
         self.grammar_wait: list[tuple[Req, Future]] = []  # compiling off the loop
         self._grammar_backend = None
 
-    # ---- requests in and out -------------------------------------------------------
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.finished_outputs or self.grammar_wait)
+
     def add_request(self, msg: TokenizedGenerateReq) -> None:
         p = msg.sampling_params
         gen = None
@@ -131,7 +137,6 @@ class Scheduler:
         self.arrivals += 1
         why = self._reject_reason(req)
         if why is not None:
-            req.cached_tokens = 0
             self._finish(req, why)
             return
         if p.grammar is not None:
@@ -147,39 +152,6 @@ class Scheduler:
                 self.tokenizer, self.runner.vocab_size, self.eos_ids
             )
         return self._grammar_backend
-
-    def _admit_compiled(self) -> None:
-        """Requests whose grammar finished compiling join the queue (or fail with a 400)."""
-        still = []
-        for req, fut in self.grammar_wait:
-            if not fut.done():
-                still.append((req, fut))
-            elif fut.exception() is not None:
-                req.cached_tokens = 0
-                self._finish(req, FinishAbort(str(fut.exception()), status_code=400))
-            else:
-                req.row.grammar = self._grammar_backend.matcher(fut.result())
-                self.waiting.append(req)
-        self.grammar_wait = still
-
-    def _reject_reason(self, req: Req) -> FinishReason | None:
-        n = len(req.origin_input_ids)
-        if n == 0:
-            return FinishAbort("empty prompt")
-        if req.params.max_new_tokens == 0:
-            return FinishLength()
-        if n >= self.runner.context_length:
-            return FinishAbort(
-                f"prompt of {n} tokens does not fit the context length {self.runner.context_length}"
-            )
-        if n + 1 > self.pool.size:
-            return FinishAbort(
-                f"prompt of {n} tokens does not fit the KV cache of {self.pool.size} tokens"
-            )
-        bad = [t for t in req.origin_input_ids if not 0 <= t < self.runner.vocab_size]
-        if bad:
-            return FinishAbort(f"token id {bad[0]} is outside the vocabulary")
-        return None
 
     def abort(self, rid: str) -> None:
         for req, fut in self.grammar_wait:
@@ -208,76 +180,38 @@ class Scheduler:
         self.pool.clear()
         return True
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.finished_outputs or self.grammar_wait)
+    # ---- admission: who joins the batch --------------------------------------------------
+    def _reject_reason(self, req: Req) -> FinishReason | None:
+        n = len(req.origin_input_ids)
+        if n == 0:
+            return FinishAbort("empty prompt")
+        if req.params.max_new_tokens == 0:
+            return FinishLength()
+        if n >= self.runner.context_length:
+            return FinishAbort(
+                f"prompt of {n} tokens does not fit the context length {self.runner.context_length}"
+            )
+        if n + 1 > self.pool.size:
+            return FinishAbort(
+                f"prompt of {n} tokens does not fit the KV cache of {self.pool.size} tokens"
+            )
+        bad = [t for t in req.origin_input_ids if not 0 <= t < self.runner.vocab_size]
+        if bad:
+            return FinishAbort(f"token id {bad[0]} is outside the vocabulary")
+        return None
 
-    # ---- memory ----------------------------------------------------------------------
-    def _alloc(self, n: int) -> torch.Tensor | None:
-        if self.pool.available() < n:
-            self.cache.evict(n - self.pool.available())
-        return self.pool.alloc(n)
-
-    def _available(self) -> int:
-        return self.pool.available() + self.cache.evictable_size
-
-    def _reserve(self, reqs) -> int:
-        return int(
-            sum(min(r.params.max_new_tokens - len(r.output_ids), MAX_RESERVE_PER_REQ) for r in reqs)
-            * NEW_TOKEN_RATIO
-        )
-
-    # ---- one step ------------------------------------------------------------------------
-    def step(self) -> list[ReqOutput]:
-        start = time.perf_counter()
-        stats = self.stats
-        inner = stats.time_forward_s + stats.time_sample_s + stats.time_output_s
-        if self.grammar_wait:
-            self._admit_compiled()
-        decode = self._schedule_decode()
-        prefill = self._schedule_prefill()
-        if prefill or decode:
-            self._run(prefill, decode)
-        elif self.grammar_wait and not self.waiting:
-            time.sleep(0.001)  # only compiles are pending: don't spin the core they need
-        elif self.waiting and not self.running:
-            # nothing holds memory and still the head request cannot start: it never will
-            self._finish(self.waiting.popleft(), FinishAbort(KV_TOO_SMALL))
-        t_out = time.perf_counter()
-        outputs, self.finished_outputs = self.finished_outputs, []
-        for req in self.running:
-            if req.stream and len(req.output_ids) - req.sent_len >= self.args.stream_interval:
-                outputs.append(self._output(req))
-        stats.time_output_s += time.perf_counter() - t_out
-        self.running = [r for r in self.running if r.finished_reason is None]
-        self._update_stats()
-        inner = stats.time_forward_s + stats.time_sample_s + stats.time_output_s - inner
-        stats.time_schedule_s += time.perf_counter() - start - inner
-        return outputs
-
-    def _schedule_decode(self) -> list[Req]:
-        # a running request is either the one mid-chunk or decoding
-        decode = sorted((r for r in self.running if r is not self.chunked), key=lambda r: r.arrival)
-        while decode:
-            new = self._alloc(len(decode))
-            if new is not None:
-                for r, s in zip(decode, new.split(1), strict=True):
-                    r.slots = torch.cat([r.slots, s])
-                return decode
-            victim = decode.pop()  # newest first
-            if self.running == [victim]:
-                # alone and still out of memory: its sequence is longer than the pool
-                self.running.remove(victim)
-                self._finish(victim, FinishLength())
-                break
-            self._retract(victim)
-        return decode
-
-    def _retract(self, req: Req) -> None:
-        self.running.remove(req)
-        self.cache.cache_finished(req)
-        self.waiting.appendleft(req)
-        self.stats.num_retractions += 1
-        logger.debug("retracted %s after %d tokens", req.rid, len(req.output_ids))
+    def _admit_compiled(self) -> None:
+        """Requests whose grammar finished compiling join the queue (or fail with a 400)."""
+        still = []
+        for req, fut in self.grammar_wait:
+            if not fut.done():
+                still.append((req, fut))
+            elif fut.exception() is not None:
+                self._finish(req, FinishAbort(str(fut.exception()), status_code=400))
+            else:
+                req.row.grammar = self._grammar_backend.matcher(fut.result())
+                self.waiting.append(req)
+        self.grammar_wait = still
 
     def _schedule_prefill(self) -> list[tuple[Req, int]]:
         """(request, tokens to compute this step) for the prefill part of the batch."""
@@ -361,7 +295,8 @@ class Scheduler:
             return None
         req.slots = torch.cat([prefix, new])
         req.prefix_len, req.last_node = prefix.numel(), node
-        if req.cached_tokens < 0:
+        if not req.admitted:
+            req.admitted = True
             req.queue_time = time.monotonic() - req.arrived
             req.cached_tokens = prefix.numel()
             self.stats.cache_hit_tokens += prefix.numel()
@@ -391,6 +326,73 @@ class Scheduler:
         ]
         keyed.sort(key=lambda x: (x[0], x[1]))
         self.waiting = deque(r for _, _, r in keyed)
+
+    def _alloc(self, n: int) -> torch.Tensor | None:
+        if self.pool.available() < n:
+            self.cache.evict(n - self.pool.available())
+        return self.pool.alloc(n)
+
+    def _available(self) -> int:
+        return self.pool.available() + self.cache.evictable_size
+
+    def _reserve(self, reqs) -> int:
+        return int(
+            sum(min(r.params.max_new_tokens - len(r.output_ids), MAX_RESERVE_PER_REQ) for r in reqs)
+            * NEW_TOKEN_RATIO
+        )
+
+    # ---- one step: decode slots, retraction, the forward ---------------------------------
+    def step(self) -> list[ReqOutput]:
+        start = time.perf_counter()
+        stats = self.stats
+        inner = stats.time_forward_s + stats.time_sample_s + stats.time_output_s
+        if self.grammar_wait:
+            self._admit_compiled()
+        decode = self._schedule_decode()
+        prefill = self._schedule_prefill()
+        if prefill or decode:
+            self._run(prefill, decode)
+        elif self.grammar_wait and not self.waiting:
+            time.sleep(0.001)  # only compiles are pending: don't spin the core they need
+        elif self.waiting and not self.running:
+            # nothing holds memory and still the head request cannot start: it never will
+            self._finish(self.waiting.popleft(), FinishAbort(KV_TOO_SMALL))
+        t_out = time.perf_counter()
+        outputs, self.finished_outputs = self.finished_outputs, []
+        for req in self.running:
+            if req.stream and len(req.output_ids) - req.sent_len >= self.args.stream_interval:
+                outputs.append(self._output(req))
+        stats.time_output_s += time.perf_counter() - t_out
+        self.running = [r for r in self.running if r.finished_reason is None]
+        self._update_stats()
+        inner = stats.time_forward_s + stats.time_sample_s + stats.time_output_s - inner
+        stats.time_schedule_s += time.perf_counter() - start - inner
+        return outputs
+
+    def _schedule_decode(self) -> list[Req]:
+        # a running request is either the one mid-chunk or decoding
+        decode = sorted((r for r in self.running if r is not self.chunked), key=lambda r: r.arrival)
+        while decode:
+            new = self._alloc(len(decode))
+            if new is not None:
+                for r, s in zip(decode, new.split(1), strict=True):
+                    r.slots = torch.cat([r.slots, s])
+                return decode
+            victim = decode.pop()  # newest first
+            if self.running == [victim]:
+                # alone and still out of memory: its sequence is longer than the pool
+                self.running.remove(victim)
+                self._finish(victim, FinishLength())
+                break
+            self._retract(victim)
+        return decode
+
+    def _retract(self, req: Req) -> None:
+        self.running.remove(req)
+        self.cache.cache_finished(req)
+        self.waiting.appendleft(req)
+        self.stats.num_retractions += 1
+        logger.debug("retracted %s after %d tokens", req.rid, len(req.output_ids))
 
     def _run(self, prefill: list[tuple[Req, int]], decode: list[Req]) -> None:
         ids: list[int] = []
@@ -489,6 +491,13 @@ class Scheduler:
         for req in newest if len(decode) > 1 else []:
             self._retract(req)
 
+    def _update_stats(self) -> None:
+        s = self.stats
+        s.num_running = len(self.running)
+        s.num_waiting = len(self.waiting)
+        s.kv_used_tokens = self.pool.size - self._available()
+
+    # ---- finish: the stop rule and the outputs -------------------------------------------
     def _check_finished(self, req: Req, tok: int) -> FinishReason | None:
         p = req.params
         n_out = len(req.output_ids)
@@ -531,15 +540,9 @@ class Scheduler:
             rid=req.rid,
             new_token_ids=new,
             prompt_tokens=len(req.origin_input_ids),
-            cached_tokens=max(req.cached_tokens, 0),
+            cached_tokens=req.cached_tokens,
             completion_tokens=len(req.output_ids),
             finish_reason=req.finished_reason,
             logprobs=lps,
             queue_time=queue_time,
         )
-
-    def _update_stats(self) -> None:
-        s = self.stats
-        s.num_running = len(self.running)
-        s.num_waiting = len(self.waiting)
-        s.kv_used_tokens = self.pool.size - self._available()
