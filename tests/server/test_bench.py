@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from radixserve.bench import build_parser, make_requests
 from radixserve.bench import main as bench_main
 from radixserve.bench.backends import _Timer, send_radixserve
 from radixserve.bench.datasets import (
@@ -161,6 +162,25 @@ def test_shared_prefix_groups_share_their_system_prompt(tokenizer):
     # the shuffle interleaves groups rather than sending each group back to back
     order = [next(k for k, v in by_head.items() if seq in v) for seq in ids]
     assert any(order[i] != order[i + 1] for i in range(per_group - 1))
+
+
+def test_dataset_flags_reach_their_sampler(tokenizer):
+    """make_requests hands each dataset its own --random-* / --gsp-* flags, by name."""
+    argv = ["--seed", "3", "--num-prompts", "5", "--dataset-name", "random"]
+    flags = ["--random-input-len", "30", "--random-output-len", "7", "--random-range-ratio", "1"]
+    got = make_requests(build_parser().parse_args(argv + flags), tokenizer)
+    want = sample_random(5, tokenizer, input_len=30, output_len=7, range_ratio=1.0, seed=3)
+    assert [(r.prompt, r.output_len) for r in got] == [(r.prompt, r.output_len) for r in want]
+    argv = ["--seed", "3", "--dataset-name", "generated-shared-prefix", "--gsp-num-groups", "2"]
+    flags = ["--gsp-prompts-per-group", "3", "--gsp-system-prompt-len", "20"]
+    flags += ["--gsp-question-len", "5", "--gsp-output-len", "4"]
+    got = make_requests(build_parser().parse_args(argv + flags), tokenizer)
+    want = sample_generated_shared_prefix(
+        tokenizer, num_groups=2, prompts_per_group=3, system_prompt_len=20, question_len=5,
+        output_len=4, seed=3,
+    )  # fmt: skip
+    assert len(got) == 6 and {r.output_len for r in got} == {4}
+    assert [r.prompt for r in got] == [r.prompt for r in want]
 
 
 # --- metrics ----------------------------------------------------------------------------

@@ -144,23 +144,14 @@ def make_requests(args: argparse.Namespace, tokenizer: Any) -> list[BenchRequest
             max_output_len=args.sharegpt_max_output_len,
         )
     if args.dataset_name == "random":
-        return sample_random(
-            args.num_prompts,
-            tokenizer,
-            input_len=args.random_input_len,
-            output_len=args.random_output_len,
-            range_ratio=args.random_range_ratio,
-            seed=args.seed,
-        )
-    return sample_generated_shared_prefix(
-        tokenizer,
-        num_groups=args.gsp_num_groups,
-        prompts_per_group=args.gsp_prompts_per_group,
-        system_prompt_len=args.gsp_system_prompt_len,
-        question_len=args.gsp_question_len,
-        output_len=args.gsp_output_len,
-        seed=args.seed,
-    )
+        return sample_random(args.num_prompts, tokenizer, seed=args.seed, **_flags(args, "random_"))
+    return sample_generated_shared_prefix(tokenizer, seed=args.seed, **_flags(args, "gsp_"))
+
+
+def _flags(args: argparse.Namespace, prefix: str) -> dict[str, Any]:
+    """A dataset's own flags (--random-*, --gsp-*) as its sampler's keywords: each flag is
+    the keyword's name behind the dataset's prefix."""
+    return {k.removeprefix(prefix): v for k, v in vars(args).items() if k.startswith(prefix)}
 
 
 def warmup_requests(count: int, tokenizer: Any, seed: int) -> list[BenchRequest]:
@@ -261,22 +252,18 @@ def main(argv: list[str] | None = None) -> int:
         from radixserve.bench.serving import run_benchmark
 
         base_url = (args.base_url or f"http://{args.host}:{args.port}").rstrip("/")
+        # flags that run_benchmark takes under their own names
+        same = "backend model request_rate max_concurrency seed api_key max_duration".split()
         try:
             metrics, results = asyncio.run(
                 run_benchmark(
-                    backend=args.backend,
                     base_url=base_url,
                     requests=requests,
                     count_tokens=lambda text: len(tokenizer.encode(text, add_special_tokens=False)),
-                    model=args.model,
-                    request_rate=args.request_rate,
-                    max_concurrency=args.max_concurrency,
                     warmup=warmup,
                     ignore_eos=ignore_eos,
-                    seed=args.seed,
-                    api_key=args.api_key,
                     progress=not args.disable_tqdm,
-                    max_duration=args.max_duration,
+                    **{k: getattr(args, k) for k in same},
                 )
             )
         except (RuntimeError, aiohttp.ClientError) as exc:  # warm-up failed, server unreachable

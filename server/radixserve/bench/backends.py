@@ -62,13 +62,16 @@ class _Timer:
         self.last = now
 
 
+OnEvent = Callable[[_Timer, float, Any], None]  # one decoded SSE event of a stream
+
+
 async def _post_stream(
     session: aiohttp.ClientSession,
     url: str,
     payload: dict[str, Any],
     headers: dict[str, str],
     request: BenchRequest,
-    on_event: Callable[[_Timer, float, Any], None],
+    on_event: OnEvent,
 ) -> RequestResult:
     result = RequestResult(
         prompt_len=request.prompt_len, constrained=request.json_schema is not None
@@ -94,14 +97,9 @@ async def _post_stream(
     return result
 
 
-async def send_radixserve(
-    session: aiohttp.ClientSession,
-    base_url: str,
-    request: BenchRequest,
-    model: str | None,
-    ignore_eos: bool,
-    headers: dict[str, str],
-) -> RequestResult:
+def _radixserve(
+    request: BenchRequest, model: str | None, ignore_eos: bool
+) -> tuple[dict[str, Any], OnEvent]:
     """Native POST /generate; chunks carry the cumulative text and a running token count."""
     payload = {
         "text": request.prompt,
@@ -129,12 +127,10 @@ async def send_radixserve(
         timer.result.generated_text = text
         timer.result.output_len = total
 
-    return await _post_stream(
-        session, base_url + ENDPOINTS["radixserve"], payload, headers, request, on_event
-    )
+    return payload, on_event
 
 
-def _on_openai_event(delta_of: Callable[[dict[str, Any]], str | None]):
+def _on_openai_event(delta_of: Callable[[dict[str, Any]], str | None]) -> OnEvent:
     """Event handler for OpenAI streams: a non-empty delta is one token's arrival.
 
     The server's usage block (when it sends one) gives the exact completion token count;
@@ -177,43 +173,55 @@ def _openai_payload(
     return payload
 
 
-async def send_openai(
-    session: aiohttp.ClientSession,
-    base_url: str,
-    request: BenchRequest,
-    model: str | None,
-    ignore_eos: bool,
-    headers: dict[str, str],
-) -> RequestResult:
+def _openai(
+    request: BenchRequest, model: str | None, ignore_eos: bool
+) -> tuple[dict[str, Any], OnEvent]:
     """POST /v1/completions with the raw prompt (no chat template)."""
     payload = _openai_payload(request, model, ignore_eos, prompt=request.prompt)
-    on_event = _on_openai_event(lambda c: c.get("text"))
-    return await _post_stream(
-        session, base_url + ENDPOINTS["openai"], payload, headers, request, on_event
-    )
+    return payload, _on_openai_event(lambda c: c.get("text"))
 
 
-async def send_openai_chat(
-    session: aiohttp.ClientSession,
-    base_url: str,
-    request: BenchRequest,
-    model: str | None,
-    ignore_eos: bool,
-    headers: dict[str, str],
-) -> RequestResult:
+def _openai_chat(
+    request: BenchRequest, model: str | None, ignore_eos: bool
+) -> tuple[dict[str, Any], OnEvent]:
     """POST /v1/chat/completions with the prompt as one user message."""
     messages = [{"role": "user", "content": request.prompt}]
     payload = _openai_payload(request, model, ignore_eos, messages=messages)
-    on_event = _on_openai_event(lambda c: (c.get("delta") or {}).get("content"))
-    return await _post_stream(
-        session, base_url + ENDPOINTS["openai-chat"], payload, headers, request, on_event
-    )
+    return payload, _on_openai_event(lambda c: (c.get("delta") or {}).get("content"))
 
 
 Sender = Callable[
     [aiohttp.ClientSession, str, BenchRequest, str | None, bool, dict[str, str]],
     Awaitable[RequestResult],
 ]
+
+
+def _sender(
+    backend: str,
+    build: Callable[[BenchRequest, str | None, bool], tuple[dict[str, Any], OnEvent]],
+) -> Sender:
+    """The client for one backend: `build` makes its request body and its event handler;
+    posting and timing the stream are the same for all."""
+
+    async def send(
+        session: aiohttp.ClientSession,
+        base_url: str,
+        request: BenchRequest,
+        model: str | None,
+        ignore_eos: bool,
+        headers: dict[str, str],
+    ) -> RequestResult:
+        payload, on_event = build(request, model, ignore_eos)
+        url = base_url + ENDPOINTS[backend]
+        return await _post_stream(session, url, payload, headers, request, on_event)
+
+    send.__doc__ = build.__doc__
+    return send
+
+
+send_radixserve = _sender("radixserve", _radixserve)
+send_openai = _sender("openai", _openai)
+send_openai_chat = _sender("openai-chat", _openai_chat)
 
 BACKENDS: dict[str, Sender] = {
     "radixserve": send_radixserve,

@@ -98,6 +98,44 @@ class BenchMetrics:
         return asdict(self)
 
 
+def throughputs(
+    duration_s: float, requests: int, input_tokens: int, output_tokens: int
+) -> dict[str, float]:
+    """The per-second rates both benchmarks (online and offline) report, under the field
+    names both summaries use."""
+    d = max(duration_s, 1e-9)
+    return {
+        "request_throughput": requests / d,
+        "input_throughput": input_tokens / d,
+        "output_throughput": output_tokens / d,
+        "total_throughput": (input_tokens + output_tokens) / d,
+    }
+
+
+def throughput_rows(m: Any) -> list[tuple[str, str]]:
+    """The report lines for `throughputs`' fields of a summary."""
+    return [
+        ("Request throughput (req/s):", f"{m.request_throughput:.2f}"),
+        ("Input token throughput (tok/s):", f"{m.input_throughput:.2f}"),
+        ("Output token throughput (tok/s):", f"{m.output_throughput:.2f}"),
+        ("Total token throughput (tok/s):", f"{m.total_throughput:.2f}"),
+    ]
+
+
+def render_table(title: str, rows: list[tuple[str, str]]) -> str:
+    """Label-value lines framed to bench_serving's 50 columns; a `-name-` label with no
+    value is a section heading."""
+    width = 50
+    lines = [f" {title} ".center(width, "=")]
+    for label, value in rows:
+        if label.startswith("-") and not value:
+            lines.append(label.strip("-").center(width, "-"))
+        else:
+            lines.append(f"{label:<40}{value:>10}")
+    lines.append("=" * width)
+    return "\n".join(lines)
+
+
 def compute_metrics(results: list[RequestResult], duration_s: float) -> BenchMetrics:
     """Summarise a run; failed requests count only in `failed`.
 
@@ -109,18 +147,14 @@ def compute_metrics(results: list[RequestResult], duration_s: float) -> BenchMet
     itls = [gap for r in ok for gap in r.itl]
     total_in = sum(r.prompt_len for r in ok)
     total_out = sum(r.output_len for r in ok)
-    duration = max(duration_s, 1e-9)
     return BenchMetrics(
         completed=len(ok),
         failed=len(results) - len(ok),
         duration_s=duration_s,
         total_input_tokens=total_in,
         total_output_tokens=total_out,
-        request_throughput=len(ok) / duration,
-        input_throughput=total_in / duration,
-        output_throughput=total_out / duration,
-        total_throughput=(total_in + total_out) / duration,
-        concurrency=sum(r.latency for r in ok) / duration,
+        **throughputs(duration_s, len(ok), total_in, total_out),
+        concurrency=sum(r.latency for r in ok) / max(duration_s, 1e-9),
         ttft_ms=Stat.of([r.ttft for r in ok]),
         tpot_ms=Stat.of(tpots),
         itl_ms=Stat.of(itls),
@@ -136,10 +170,7 @@ def format_table(m: BenchMetrics, title: str = "Serving Benchmark Result") -> st
         ("Benchmark duration (s):", f"{m.duration_s:.2f}"),
         ("Total input tokens:", str(m.total_input_tokens)),
         ("Total generated tokens:", str(m.total_output_tokens)),
-        ("Request throughput (req/s):", f"{m.request_throughput:.2f}"),
-        ("Input token throughput (tok/s):", f"{m.input_throughput:.2f}"),
-        ("Output token throughput (tok/s):", f"{m.output_throughput:.2f}"),
-        ("Total token throughput (tok/s):", f"{m.total_throughput:.2f}"),
+        *throughput_rows(m),
         ("Concurrency:", f"{m.concurrency:.2f}"),
     ]
     for name, short, stat in (
@@ -151,12 +182,4 @@ def format_table(m: BenchMetrics, title: str = "Serving Benchmark Result") -> st
         rows.append((f"-{name}-", ""))
         for label in ("mean", "median", "p99"):
             rows.append((f"{label.capitalize()} {short} (ms):", f"{getattr(stat, label):.2f}"))
-    width = 50
-    lines = [f" {title} ".center(width, "=")]
-    for label, value in rows:
-        if label.startswith("-"):
-            lines.append(label.strip("-").center(width, "-"))
-        else:
-            lines.append(f"{label:<40}{value:>10}")
-    lines.append("=" * width)
-    return "\n".join(lines)
+    return render_table(title, rows)

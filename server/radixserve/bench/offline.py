@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from radixserve.bench.datasets import BenchRequest
+from radixserve.bench.metrics import render_table, throughput_rows, throughputs
 
 
 @dataclass
@@ -107,10 +108,7 @@ def run_offline(
         total_input_tokens=total_in,
         total_output_tokens=total_out,
         cached_tokens=cached,
-        request_throughput=len(outputs) / d,
-        input_throughput=total_in / d,
-        output_throughput=total_out / d,
-        total_throughput=(total_in + total_out) / d,
+        **throughputs(duration, len(outputs), total_in, total_out),
         steps=steps,
         step_ms=step_ms,
         schedule_ms=ms["schedule"],
@@ -199,17 +197,13 @@ def matmul_peak(kind: str, size: int = 1024, repeats: int = 5) -> float:
 
 
 def format_offline(m: OfflineMetrics) -> str:
-    width = 50
     rows = [
         ("Completed requests:", str(m.completed)),
         ("Duration (s):", f"{m.duration_s:.2f}"),
         ("Total input tokens:", str(m.total_input_tokens)),
         ("  of which prefix-cache hits:", str(m.cached_tokens)),
         ("Total generated tokens:", str(m.total_output_tokens)),
-        ("Request throughput (req/s):", f"{m.request_throughput:.2f}"),
-        ("Input token throughput (tok/s):", f"{m.input_throughput:.2f}"),
-        ("Output token throughput (tok/s):", f"{m.output_throughput:.2f}"),
-        ("Total token throughput (tok/s):", f"{m.total_throughput:.2f}"),
+        *throughput_rows(m),
         ("Forward steps:", str(m.steps)),
         ("Mean tokens per step:", f"{m.mean_batch_tokens:.1f}"),
         ("Step time (ms):", f"{m.step_ms:.2f}"),
@@ -223,7 +217,4 @@ def format_offline(m: OfflineMetrics) -> str:
         (f"{m.peak_kind} matmul peak TFLOP/s:", f"{m.peak_tflops:.3f}"),
         ("MFU:", f"{100 * m.mfu:.1f}%"),
     ]
-    lines = [" Offline Engine Benchmark ".center(width, "=")]
-    lines += [f"{label:<40}{value:>10}" for label, value in rows]
-    lines.append("=" * width)
-    return "\n".join(lines)
+    return render_table("Offline Engine Benchmark", rows)
