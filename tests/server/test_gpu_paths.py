@@ -44,7 +44,7 @@ from radixserve.engine.scheduler import Scheduler
 from radixserve.layers.attention import KVPool, create_attention_backend, flashinfer_backend
 from radixserve.layers.attention.torch_backend import TorchAttentionBackend
 from radixserve.models.loader import load_tokenizer, resolve_model
-from transformers import AutoConfig, AutoModelForCausalLM
+from tiny_models import tiny_qwen3
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_FLASHINFER = importlib.util.find_spec("flashinfer") is not None
@@ -55,27 +55,19 @@ NEAR_TIE = 0.05  # nats between the reference's top two tokens
 
 
 def tiny_model(path: str, *, heads: int, kv_heads: int, head_dim: int, layers: int = 2) -> str:
-    """A random Qwen3 (QK norms, GQA) saved as safetensors; no tokenizer is needed."""
-    cfg = AutoConfig.for_model(
-        "qwen3",
-        hidden_size=64 if head_dim < 64 else 256,
-        intermediate_size=128 if head_dim < 64 else 512,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
+    """A random Qwen3 of these heads; no tokenizer is needed. Wider for the GPU's head size."""
+    small = head_dim < 64
+    return tiny_qwen3(
+        path,
+        heads=heads,
+        kv_heads=kv_heads,
         head_dim=head_dim,
-        vocab_size=300 if head_dim < 64 else 512,
+        num_hidden_layers=layers,
+        hidden_size=64 if small else 256,
+        intermediate_size=128 if small else 512,
+        vocab_size=300 if small else 512,
         max_position_embeddings=1024,
-        tie_word_embeddings=False,
     )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():  # random init leaves norms at 1: perturb them
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(path)
-    return path
 
 
 def generate(

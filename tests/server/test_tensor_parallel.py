@@ -18,7 +18,6 @@ import sys
 import time
 
 import pytest
-import torch
 from radixserve.config import ServerArgs
 from radixserve.engine.client import EngineError
 from radixserve.engine.engine import Engine
@@ -29,7 +28,7 @@ from radixserve.engine.sampling_params import SamplingParams
 from radixserve.engine.scheduler import Scheduler
 from radixserve.layers.parallel import shard_heads, split_range
 from radixserve.models.loader import load_tokenizer, resolve_model
-from transformers import AutoConfig, AutoModelForCausalLM
+from tiny_models import tiny_qwen3
 
 pytestmark = pytest.mark.slow
 
@@ -70,30 +69,20 @@ def chat_prompts(model_path: str | None) -> list[list[int]]:
     return out
 
 
-def tiny_qwen3(path: str, heads: int, kv_heads: int) -> str:
-    """A random Qwen3 (with a real tokenizer beside it, for the front); odd vocabulary size
+def tiny_qwen3_with_tokenizer(path: str, heads: int, kv_heads: int) -> str:
+    """A random Qwen3 with a real tokenizer beside it (for the front); odd vocabulary size
     so the vocabulary split is uneven too."""
-    cfg = AutoConfig.for_model(
-        "qwen3",
+    return tiny_qwen3(
+        path,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=32,
         hidden_size=64,
         intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=32,
         vocab_size=321,
         max_position_embeddings=256,
-        tie_word_embeddings=False,
+        with_tokenizer=True,
     )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():  # random init leaves norms at 1: perturb them
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(path)
-    load_tokenizer(resolve_model(None)).save_pretrained(path)
-    return path
 
 
 TINY_PROMPTS = [[1, 5, 9, 30, 200, 17, 4], [7, 8, 9], list(range(40, 100))]
@@ -101,7 +90,7 @@ TINY_PROMPTS = [[1, 5, 9, 30, 200, 17, 4], [7, 8, 9], list(range(40, 100))]
 
 @pytest.fixture(scope="module")
 def qwen3_one_kv_head(tmp_path_factory) -> str:
-    return tiny_qwen3(str(tmp_path_factory.mktemp("qwen3-1kv")), heads=4, kv_heads=1)
+    return tiny_qwen3_with_tokenizer(str(tmp_path_factory.mktemp("qwen3-1kv")), heads=4, kv_heads=1)
 
 
 def free_port() -> int:
@@ -170,7 +159,7 @@ def test_bad_tp_size_refused_before_loading():
 
 def test_bad_tp_size_refused_at_start(tmp_path):
     """Through the front: the engine's reason comes back as the start's EngineError."""
-    path = tiny_qwen3(str(tmp_path / "one-head"), heads=1, kv_heads=1)
+    path = tiny_qwen3_with_tokenizer(str(tmp_path / "one-head"), heads=1, kv_heads=1)
     with pytest.raises(EngineError, match="more than the model's 1 attention heads"):
         Engine(path, tp_size=2, **COMMON)
 
