@@ -60,54 +60,49 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(stats))
         self.log_requests = log_requests
+        reg = {"registry": self.registry}
         self.http_requests = Counter(
             "radixserve_http_requests",
             "HTTP requests answered, by route and status code",
             ["route", "status"],
-            registry=self.registry,
+            **reg,
         )
         self.finished = Counter(
             "radixserve_finished_sequences",
             "generated sequences, by finish reason (stop, length, abort)",
             ["finish_reason"],
-            registry=self.registry,
+            **reg,
         )
+        latency = {"buckets": _LATENCY_BUCKETS, **reg}
         self.ttft = Histogram(
-            "radixserve_time_to_first_token_seconds",
-            "arrival to first generated token",
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
+            "radixserve_time_to_first_token_seconds", "arrival to first generated token", **latency
         )
         self.itl = Histogram(
             "radixserve_inter_token_latency_seconds",
             "time between generated tokens of one sequence",
             buckets=_ITL_BUCKETS,
-            registry=self.registry,
+            **reg,
         )
         self.e2e = Histogram(
-            "radixserve_e2e_request_latency_seconds",
-            "arrival to last token",
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
+            "radixserve_e2e_request_latency_seconds", "arrival to last token", **latency
         )
 
         # admission control's own counts (api/admission.py), kept in this process
         self.open_sequences = Gauge(
             "radixserve_open_sequences",
             "sequences admitted by the HTTP server and not finished (queued or running)",
-            registry=self.registry,
+            **reg,
         )
         self.queued_prompt_tokens = Gauge(
             "radixserve_queued_prompt_tokens",
             "prompt tokens of admitted sequences that have no output yet (what "
             "--max-queued-tokens bounds)",
-            registry=self.registry,
+            **reg,
         )
         self.queue_time = Histogram(
             "radixserve_queue_time_seconds",
             "time a sequence waited in the engine's queue before its first prefill",
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
+            **latency,
         )
 
     def timer(self, arrival: float, route: str) -> SequenceTimer:

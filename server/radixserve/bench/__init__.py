@@ -54,19 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--sharegpt-output-len", type=int, help="fixed output length for every prompt")
     p.add_argument("--sharegpt-max-output-len", type=int, help="cap on each reply's length")
-    p.add_argument("--random-input-len", type=int, default=1024)
-    p.add_argument("--random-output-len", type=int, default=1024)
     p.add_argument(
         "--random-range-ratio",
         type=float,
         default=0.0,
         help="lengths are uniform in [len * ratio, len]",
     )
-    p.add_argument("--gsp-num-groups", type=int, default=64)
-    p.add_argument("--gsp-prompts-per-group", type=int, default=16)
-    p.add_argument("--gsp-system-prompt-len", type=int, default=2048)
-    p.add_argument("--gsp-question-len", type=int, default=128)
-    p.add_argument("--gsp-output-len", type=int, default=256)
+    # the random and generated-shared-prefix datasets' sizes, SGLang's names and defaults
+    for flag, default in {
+        "--random-input-len": 1024,
+        "--random-output-len": 1024,
+        "--gsp-num-groups": 64,
+        "--gsp-prompts-per-group": 16,
+        "--gsp-system-prompt-len": 2048,
+        "--gsp-question-len": 128,
+        "--gsp-output-len": 256,
+    }.items():
+        p.add_argument(flag, type=int, default=default)
 
     p.add_argument(
         "--request-rate",

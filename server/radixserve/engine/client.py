@@ -29,7 +29,6 @@ from radixserve.engine.engine_process import HEARTBEAT_S, engine_main, prepare_e
 from radixserve.engine.io_struct import (
     AbortReq,
     BatchOutput,
-    EmbeddingOutput,
     EngineFailed,
     EngineReady,
     EngineStats,
@@ -227,11 +226,6 @@ class EngineClient:
             if isinstance(msg, EngineFailed):
                 self._die(msg.error)
                 return
-            if isinstance(msg, EmbeddingOutput):
-                q = self._queues.get(msg.rid)
-                if q is not None:
-                    q.put_nowait(msg)
-                continue
             assert isinstance(msg, BatchOutput)
             if msg.stats is not None:
                 self.stats = msg.stats
