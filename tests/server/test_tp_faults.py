@@ -16,7 +16,7 @@ import pytest
 import torch
 from api_harness import health_until_exit, start_server
 from radixserve.engine.model_runner import ModelRunner
-from test_tensor_parallel import tiny_qwen3
+from test_tensor_parallel import tiny_qwen3_with_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def spawned_children(pid: int) -> list[int]:
 
 
 def test_dead_rank_turns_health_503_and_stops_the_server(tmp_path):
-    model = tiny_qwen3(str(tmp_path / "qwen3"), heads=4, kv_heads=2)
+    model = tiny_qwen3_with_tokenizer(str(tmp_path / "qwen3"), heads=4, kv_heads=2)
     server = start_server(
         "--model", model, "--tp-size", "2", "--device", "cpu", "--dtype", "float32",
         "--max-total-tokens", "2048", "--watchdog-timeout", "60",
