@@ -22,6 +22,15 @@ def _slot_table(
     return table.to(device, non_blocking=True), lens
 
 
+def _causal_mask(prefix: int, extend: int, device: torch.device) -> torch.Tensor | None:
+    """[extend, prefix + extend] True where query i may see key j (j <= prefix + i); None for
+    a fresh prompt, where SDPA's own causal flag is the same rule."""
+    if prefix == 0:
+        return None
+    keys = torch.arange(prefix + extend, device=device)
+    return keys[None, :] <= prefix + torch.arange(extend, device=device)[:, None]
+
+
 def _sdpa(q, k, v, **kw) -> torch.Tensor:
     """SDPA in float32 on the CPU. In bfloat16 the CPU kernels for a whole causal prompt
     and for one query over a cached prefix round differently, enough to flip greedy
@@ -31,6 +40,13 @@ def _sdpa(q, k, v, **kw) -> torch.Tensor:
             q.float(), k.float(), v.float(), enable_gqa=True, **kw
         ).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
+
+
+# A prefill group padded to its longest prompt and longest context costs B x Q x L scores
+# (and SDPA's masked path materialises them); when that is this many times what the
+# requests need, each request runs on its own instead: ShareGPT-like mixed lengths in one
+# chunk otherwise compute mostly padding.
+_PREFILL_PAD_WASTE = 2.0
 
 
 # below this many K elements per layer, bfloat16 batched matmuls cost more in fixed overhead
@@ -72,8 +88,18 @@ class TorchAttentionBackend(AttentionBackend):
         if np_:
             pre = batch.prefix_lens[:np_]
             ext = batch.extend_lens[:np_]
+            padded = np_ * max(ext) * max(p + e for p, e in zip(pre, ext, strict=True))
+            needed = sum(e * (p + e) for p, e in zip(pre, ext, strict=True))
             if np_ == 1 and pre[0] == 0:
                 md["prefill_plain"] = True  # a fresh prompt attends only to itself
+            elif padded > _PREFILL_PAD_WASTE * needed:
+                md["prefill_each"] = [
+                    (start, e, slots.to(device) if p else None, _causal_mask(p, e, device))
+                    for start, p, e, slots in zip(
+                        (sum(ext[:i]) for i in range(np_)), pre, ext, batch.req_slots[:np_],
+                        strict=True,
+                    )
+                ]  # fmt: skip
             else:
                 table, kv_lens = _slot_table(batch.req_slots[:np_], device)
                 qmax, lmax = max(ext), table.shape[1]
@@ -116,6 +142,22 @@ class TorchAttentionBackend(AttentionBackend):
                     scale=scale,
                 )
                 outs.append(o[0].transpose(0, 1))
+            elif "prefill_each" in md:
+                for start, e, slots, mask in md["prefill_each"]:
+                    if slots is None:  # a fresh prompt: its K/V are this step's own
+                        kp = k[start : start + e].transpose(0, 1)[None]
+                        vp = v[start : start + e].transpose(0, 1)[None]
+                    else:  # [1, Hkv, prefix + extend, D]
+                        kp, vp = (t.transpose(0, 1) for t in pool.gather(layer_id, slots[None]))
+                    o = _sdpa(
+                        q[start : start + e].transpose(0, 1)[None],
+                        kp,
+                        vp,
+                        attn_mask=mask,
+                        is_causal=mask is None,
+                        scale=scale,
+                    )
+                    outs.append(o[0].transpose(0, 1))
             else:
                 kp, vp = pool.gather(layer_id, md["prefill_table"])  # [Hkv, B, L, D]
                 qp = q[md["prefill_q_index"]].transpose(1, 2)  # [B, H, Q, D]
