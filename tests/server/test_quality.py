@@ -62,7 +62,7 @@ def test_auto_path_agrees_with_float32_at_least_as_well_as_llama_cpp(auto_runner
 
 def test_auto_path_greedy_answers(auto_runner):
     exact = greedy_answers(ServerArgs(**EXACT), FIXED_PROMPTS)
-    auto = greedy_answers(ServerArgs(**AUTO), FIXED_PROMPTS)
+    auto = greedy_answers(ServerArgs(**AUTO), FIXED_PROMPTS, runner=auto_runner)
     same = sum(a == b for a, b in zip(auto, exact, strict=True))
     print(f"\nidentical greedy answers (32 tokens): {same} of {len(FIXED_PROMPTS)}")
     assert auto[0] == exact[0] == "The capital of France is Paris."

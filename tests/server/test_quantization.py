@@ -8,13 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from radixserve.bench.quality import FIXED_PROMPTS, greedy_answers
 from radixserve.config import ServerArgs
 from radixserve.engine import cpu_path
-from radixserve.engine.engine_process import eos_token_ids
-from radixserve.engine.io_struct import TokenizedGenerateReq
 from radixserve.engine.model_runner import ModelRunner, resolve_quantization
-from radixserve.engine.sampling_params import SamplingParams
-from radixserve.engine.scheduler import Scheduler
 from radixserve.layers.linear import (
     INT4_GROUP,
     SMALL_BATCH_ROWS,
@@ -24,7 +21,7 @@ from radixserve.layers.linear import (
     pack_int4,
     pack_int8_dynamic,
 )
-from radixserve.models.loader import default_model_path, load_tokenizer, resolve_model
+from radixserve.models.loader import default_model_path, resolve_model
 
 
 def grid_weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -169,19 +166,5 @@ def test_default_model_answers_with_the_auto_path():
     assert runner.quantization == ("int4" if cpu_path.int4_available() else "none")
     assert runner.dtype == (torch.bfloat16 if cpu_path.bf16_native() else torch.float32)
     assert runner.cpu_path is not None and runner.cpu_path.quantization == runner.quantization
-    tok = load_tokenizer(runner.source)
-    sched = Scheduler(args, runner, tok, eos_token_ids(runner.config, tok, runner.source.folder))
-    ids = tok.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}],
-        add_generation_prompt=True,
-        tokenize=True,
-    )
-    ids = list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
-    sched.add_request(
-        TokenizedGenerateReq("q", ids, SamplingParams(max_new_tokens=24, temperature=0.0))
-    )
-    out: list[int] = []
-    while sched.has_work():
-        for o in sched.step():
-            out += o.new_token_ids
-    assert tok.decode(out, skip_special_tokens=True).strip() == "The capital of France is Paris."
+    answer = greedy_answers(args, [FIXED_PROMPTS[0]], max_new_tokens=24, runner=runner)[0]
+    assert answer == "The capital of France is Paris."

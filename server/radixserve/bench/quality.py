@@ -151,9 +151,12 @@ FIXED_PROMPTS = [
 ]
 
 
-def greedy_answers(args: Any, prompts: list[str], max_new_tokens: int = 32) -> list[str]:
-    """Greedy chat answers of the engine built from `args`, all prompts in one batch (so the
-    decode steps run at the batch size the small-batch kernels serve)."""
+def greedy_answers(
+    args: Any, prompts: list[str], max_new_tokens: int = 32, runner: Any = None
+) -> list[str]:
+    """Greedy chat answers of the engine built from `args` (on `runner` when one is already
+    loaded), all prompts in one batch (so the decode steps run at the batch size the
+    small-batch kernels serve)."""
     from radixserve.engine.engine_process import eos_token_ids
     from radixserve.engine.io_struct import TokenizedGenerateReq
     from radixserve.engine.model_runner import ModelRunner
@@ -161,7 +164,7 @@ def greedy_answers(args: Any, prompts: list[str], max_new_tokens: int = 32) -> l
     from radixserve.engine.scheduler import Scheduler
     from radixserve.models.loader import load_tokenizer
 
-    runner = ModelRunner(args)
+    runner = runner or ModelRunner(args)
     tok = load_tokenizer(runner.source)
     sched = Scheduler(args, runner, tok, eos_token_ids(runner.config, tok, runner.source.folder))
     for i, prompt in enumerate(prompts):

@@ -15,7 +15,7 @@ figures.
   reading the weights, and torch's int4 kernel reads a eighth of float32's bytes: for a
   4-bit GGUF the same exact int4 copy as on the bf16 class serves batches of up to 8 rows
   (its input rounded to bfloat16 inside the kernel) with the int8 LM head. Measured with
-  the ISA restricted to AVX2: a batch-1 decode step 2.8x faster than float32, and its
+  the ISA restricted to AVX2: a batch-1 decode step 1.8x faster than float32, and its
   teacher-forced agreement with float32 is at least llama.cpp's (docs/engine.md).
   `--quantization int8` (fbgemm's dynamic int8, one activation scale per tensor) stays an
   opt-in: its agreement measured 49% (Zen 3), far below llama.cpp's per-block Q8.

@@ -7,6 +7,8 @@ group, so the per-layer cost does not grow with the number of requests in Python
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 import torch.nn.functional as F
 
@@ -90,13 +92,12 @@ class TorchAttentionBackend(AttentionBackend):
             ext = batch.extend_lens[:np_]
             padded = np_ * max(ext) * max(p + e for p, e in zip(pre, ext, strict=True))
             needed = sum(e * (p + e) for p, e in zip(pre, ext, strict=True))
-            if np_ == 1 and pre[0] == 0:
-                md["prefill_plain"] = True  # a fresh prompt attends only to itself
-            elif padded > _PREFILL_PAD_WASTE * needed:
+            # one fresh prompt attends only to itself: the per-request path with no gather
+            if (np_ == 1 and pre[0] == 0) or padded > _PREFILL_PAD_WASTE * needed:
                 md["prefill_each"] = [
                     (start, e, slots.to(device) if p else None, _causal_mask(p, e, device))
                     for start, p, e, slots in zip(
-                        (sum(ext[:i]) for i in range(np_)), pre, ext, batch.req_slots[:np_],
+                        accumulate(ext[:-1], initial=0), pre, ext, batch.req_slots[:np_],
                         strict=True,
                     )
                 ]  # fmt: skip
@@ -133,16 +134,7 @@ class TorchAttentionBackend(AttentionBackend):
         npt = batch.num_prefill_tokens
         outs = []
         if batch.num_prefill_reqs:
-            if md.get("prefill_plain"):
-                o = _sdpa(
-                    q[:npt].transpose(0, 1)[None],
-                    k[:npt].transpose(0, 1)[None],
-                    v[:npt].transpose(0, 1)[None],
-                    is_causal=True,
-                    scale=scale,
-                )
-                outs.append(o[0].transpose(0, 1))
-            elif "prefill_each" in md:
+            if "prefill_each" in md:
                 for start, e, slots, mask in md["prefill_each"]:
                     if slots is None:  # a fresh prompt: its K/V are this step's own
                         kp = k[start : start + e].transpose(0, 1)[None]

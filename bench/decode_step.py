@@ -1,0 +1,90 @@
+"""In-process decode-step time of the default model per CPU path: the table in
+docs/engine.md and bench/results/README.md ("Where a decode step goes").
+
+    .venv/bin/python bench/decode_step.py [--paths float32:none float32:int4 ...]
+        [--batches 1 8 32] [--context 256] [--profile]
+
+Each path is `dtype:quantization`; every batch runs `--context` tokens of KV per request
+and prints the best of 3 timed runs of 8 steps. `--profile` prints torch's operator table
+for batch 1 of each path. Run it under ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+MKL_ENABLE_INSTRUCTIONS=AVX2 for the AVX2 class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
+
+from radixserve.config import ServerArgs  # noqa: E402
+from radixserve.engine import cpu_path  # noqa: E402
+from radixserve.engine.model_runner import ModelRunner  # noqa: E402
+from radixserve.layers.attention import ForwardBatch  # noqa: E402
+
+
+def decode_batch(runner: ModelRunner, batch: int, context: int) -> ForwardBatch:
+    slots = [runner.pool.alloc(context + 1) for _ in range(batch)]
+    return ForwardBatch(
+        input_ids=torch.randint(0, 1000, (batch,)),
+        positions=torch.full((batch,), context),
+        out_cache_loc=torch.stack([s[-1] for s in slots]),
+        kv_pool=runner.pool,
+        num_prefill_reqs=0,
+        num_prefill_tokens=0,
+        prefix_lens=[context] * batch,
+        extend_lens=[1] * batch,
+        req_slots=slots,
+    )
+
+
+@torch.inference_mode()
+def step_ms(runner: ModelRunner, batch: ForwardBatch, steps: int = 8, repeats: int = 3) -> float:
+    rows = torch.arange(batch.batch_size)
+    for _ in range(3):
+        runner.forward(batch, rows)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            runner.forward(batch, rows)
+        best = min(best, (time.perf_counter() - start) / steps * 1e3)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--paths", nargs="+", default=["float32:none", "float32:int4"])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16, 32])
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--profile", action="store_true")
+    a = ap.parse_args()
+    klass, capability = cpu_path.cpu_class()
+    print(f"class {klass} (torch {capability}), {torch.get_num_threads()} threads")
+    for path in a.paths:
+        dtype, quant = path.split(":")
+        runner = ModelRunner(ServerArgs(device="cpu", dtype=dtype, quantization=quant,
+                                        max_total_tokens=(a.context + 1) * max(a.batches)))  # fmt: skip
+        times = []
+        for b in a.batches:
+            batch = decode_batch(runner, b, a.context)
+            times.append(f"batch {b}: {step_ms(runner, batch):.1f} ms")
+            for slots in batch.req_slots:
+                runner.pool.free(slots)
+        print(f"{dtype} + {quant}: " + ", ".join(times), flush=True)
+        if a.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            batch = decode_batch(runner, 1, a.context)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                step_ms(runner, batch, steps=10, repeats=1)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        del runner
+
+
+if __name__ == "__main__":
+    main()
