@@ -119,6 +119,36 @@ def test_split_keeps_lock_counts():
 POOL_SIZE = 24
 
 
+def test_namespaces_share_prefixes_within_and_never_across():
+    tree = RadixCache(Freed())
+    tree.insert([1, 2, 3], slots(10, 11, 12))
+    tree.insert([1, 2, 3], slots(20, 21, 22), namespace="sql")
+    assert tree.insert([1, 2, 9], slots(30, 31, 32), namespace="sql") == 2
+    assert tree.match_prefix([1, 2, 3, 4])[0].tolist() == [10, 11, 12]
+    assert tree.match_prefix([1, 2, 3, 4], "sql")[0].tolist() == [20, 21, 22]
+    assert tree.match_prefix([1, 2, 9], "sql")[0].tolist() == [20, 21, 32]
+    got, node = tree.match_prefix([1, 2, 3], ("chat", "salt"))
+    assert got.numel() == 0 and node.parent is None
+    assert tree.evictable_size == 7
+
+
+def test_eviction_is_global_lru_across_namespaces_and_drops_empty_roots():
+    freed = Freed()
+    tree = RadixCache(freed)
+    tree.insert([1, 1], slots(1, 2), namespace="a")
+    tree.insert([2, 2], slots(3, 4))
+    tree.insert([3, 3], slots(5, 6), namespace="b")
+    _, node = tree.match_prefix([3, 3], "b")
+    tree.inc_lock_ref(node)
+    assert tree.protected_size == 2
+    assert tree.evict(2) == 2 and freed.slots == [1, 2]  # the oldest, in namespace "a"
+    assert "a" not in tree.roots and None in tree.roots
+    assert tree.evict(100) == 2  # base's leaf; "b" is locked
+    assert sorted(freed.slots) == [1, 2, 3, 4]
+    tree.dec_lock_ref(node)
+    assert tree.evict(100) == 2 and tree.roots == {}
+
+
 @dataclass
 class FakeReq:
     """The fields the cache reads and rewrites, as the scheduler's Req has them."""
@@ -127,6 +157,7 @@ class FakeReq:
     slots: torch.Tensor = field(default_factory=lambda: slots())
     prefix_len: int = 0
     last_node: TreeNode | None = None
+    cache_namespace: str | None = None
 
 
 class Lifecycle:
@@ -155,9 +186,9 @@ class Lifecycle:
         out, self.free = self.free[:n], self.free[n:]
         return slots(*out)
 
-    def admit(self, ids: list[int]) -> None:
-        req = FakeReq(ids)
-        prefix, node = self.cache.match_prefix(ids[:-1])
+    def admit(self, ids: list[int], namespace: str | None = None) -> None:
+        req = FakeReq(ids, cache_namespace=namespace)
+        prefix, node = self.cache.match_prefix(ids[:-1], namespace)
         self.cache.inc_lock_ref(node)
         new = self._alloc(len(ids) - prefix.numel())
         if new is None:
@@ -180,7 +211,9 @@ class Lifecycle:
     def check(self) -> None:
         """Every slot is held exactly once: free, in one tree node, or by one request."""
         held = list(self.free)
-        nodes = list(_walk(self.cache.root)) if isinstance(self.cache, RadixCache) else []
+        nodes = []
+        if isinstance(self.cache, RadixCache):
+            nodes = [n for root in self.cache.roots.values() for n in _walk(root)]
         for n in nodes:
             held += n.value.tolist()
         for r in self.live:
@@ -217,7 +250,7 @@ def _on_path(node: TreeNode, leaf: TreeNode | None) -> bool:
 tokens_ = st.lists(st.integers(0, 3), min_size=1, max_size=8)
 ops = st.lists(
     st.one_of(
-        st.tuples(st.just("admit"), tokens_),
+        st.tuples(st.just("admit"), tokens_, st.sampled_from([None, "a", "b"])),
         st.tuples(st.just("decode"), st.integers(0, 7), st.integers(0, 3)),
         st.tuples(st.just("finish"), st.integers(0, 7)),
         st.tuples(st.just("evict"), st.integers(0, POOL_SIZE)),
@@ -244,3 +277,6 @@ def test_random_lifecycles_hold_every_slot_once_and_never_evict_a_locked_node(ca
     life.check()
     assert life.cache.protected_size == 0
     assert len(life.free) + life.cache.evictable_size == POOL_SIZE
+    if cache_cls is RadixCache:
+        life.cache.evict(POOL_SIZE)
+        assert life.cache.roots == {}  # emptied namespaces leave no root behind

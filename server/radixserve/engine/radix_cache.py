@@ -9,13 +9,20 @@ The cache owns the request protocol too: `cache_unfinished` (a prompt finished p
 share it, move the request's lock down to it) and `cache_finished` (the request lets go of
 its KV: insert it, free the duplicates, unlock). `NoPrefixCache` has the same methods for
 `--disable-radix-cache`, so the scheduler never asks whether caching is on.
+
+Namespaces: every key lives under a hashable `namespace` (None, the default, is the base
+model); each namespace has its own root, so two requests share a prefix only when both
+their tokens and their namespace agree. The namespace is a generic key, not a LoRA notion:
+the adapter name is one (KV computed under an adapter differs from the base model's), and a
+per-request salt can be folded into the same key. Eviction stays global across namespaces
+(one `evictable_leaves` set), and an emptied namespace's root is dropped.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Protocol
 
 import torch
@@ -36,6 +43,17 @@ class TreeNode:
 
     def __lt__(self, other: TreeNode) -> bool:
         return self.last_access < other.last_access
+
+
+class RootNode(TreeNode):
+    """A namespace's root: never evicted (lock_ref 1), knows its namespace to drop it."""
+
+    __slots__ = ("namespace",)
+
+    def __init__(self, namespace: Hashable) -> None:
+        super().__init__([], _no_slots(), None)
+        self.namespace = namespace
+        self.lock_ref = 1
 
 
 def _common_len(a: list[int], b: list[int]) -> int:
@@ -60,6 +78,7 @@ class CachedReq(Protocol):
     slots: torch.Tensor
     prefix_len: int
     last_node: TreeNode | None
+    cache_namespace: Hashable
 
     @property
     def fill_ids(self) -> list[int]: ...
@@ -73,8 +92,7 @@ class RadixCache:
         self.reset()
 
     def reset(self) -> None:
-        self.root = TreeNode([], _no_slots(), None)
-        self.root.lock_ref = 1  # the root is never evicted
+        self.roots: dict[Hashable, RootNode] = {}
         self.evictable_size = 0
         self.protected_size = 0
         # unlocked childless nodes: what `evict` may take, kept so it never walks the tree
@@ -84,9 +102,24 @@ class RadixCache:
     def total_size(self) -> int:
         return self.evictable_size + self.protected_size
 
-    def match_prefix(self, key: list[int]) -> tuple[torch.Tensor, TreeNode]:
-        """Slots of the longest cached prefix of `key`, and the node where it ends."""
-        node, values = self.root, []
+    @property
+    def root(self) -> RootNode:
+        """The default (base model) namespace's root."""
+        return self._root(None)
+
+    def _root(self, namespace: Hashable) -> RootNode:
+        root = self.roots.get(namespace)
+        if root is None:
+            root = self.roots[namespace] = RootNode(namespace)
+        return root
+
+    def match_prefix(
+        self, key: list[int], namespace: Hashable = None
+    ) -> tuple[torch.Tensor, TreeNode]:
+        """Slots of the longest prefix of `key` cached in `namespace`, and the node where it
+        ends (a namespace root, which locking ignores, when nothing matched)."""
+        node = self.roots.get(namespace) or RootNode(namespace)
+        values = []
         while key:
             child = node.children.get(key[0])
             if child is None:
@@ -100,13 +133,14 @@ class RadixCache:
         slots = torch.cat(values) if values else _no_slots()
         return slots, node
 
-    def insert(self, key: list[int], value: torch.Tensor) -> int:
-        """Cache `value` (slots) for `key`; returns how many leading tokens were cached already.
+    def insert(self, key: list[int], value: torch.Tensor, namespace: Hashable = None) -> int:
+        """Cache `value` (slots) for `key` in `namespace`; returns how many leading tokens
+        were cached already.
 
         The caller still owns `value[:returned]` and must free those duplicate slots.
         """
         assert len(key) == value.numel()
-        node, done = self.root, 0
+        node, done = self._root(namespace), 0
         while done < len(key):
             child = node.children.get(key[done])
             if child is None:
@@ -137,7 +171,7 @@ class RadixCache:
         return upper
 
     def inc_lock_ref(self, node: TreeNode) -> None:
-        while node is not self.root:
+        while node.parent is not None:  # up to its namespace's root
             if node.lock_ref == 0:
                 self.evictable_size -= len(node.key)
                 self.protected_size += len(node.key)
@@ -146,7 +180,7 @@ class RadixCache:
             node = node.parent
 
     def dec_lock_ref(self, node: TreeNode) -> None:
-        while node is not self.root:
+        while node.parent is not None:
             if node.lock_ref == 1:
                 self.evictable_size += len(node.key)
                 self.protected_size -= len(node.key)
@@ -169,7 +203,11 @@ class RadixCache:
             self.evictable_size -= len(leaf.key)
             parent = leaf.parent
             del parent.children[leaf.key[0]]
-            if parent is not self.root and not parent.children and parent.lock_ref == 0:
+            if parent.children:
+                continue
+            if isinstance(parent, RootNode):
+                del self.roots[parent.namespace]
+            elif parent.lock_ref == 0:
                 self.evictable_leaves.add(parent)
                 heapq.heappush(leaves, parent)
         return freed
@@ -178,14 +216,14 @@ class RadixCache:
     def _insert_req(self, req: CachedReq) -> list[int]:
         """Put the request's computed tokens in the tree and free its duplicate slots."""
         key = req.fill_ids[: req.slots.numel()]
-        dup = self.insert(key, req.slots)
+        dup = self.insert(key, req.slots, req.cache_namespace)
         self._free_slots(req.slots[req.prefix_len : dup])
         return key
 
     def cache_unfinished(self, req: CachedReq) -> None:
         """Its prompt is in: share it so later requests reuse it, and hold it locked."""
         key = self._insert_req(req)
-        slots, node = self.match_prefix(key)
+        slots, node = self.match_prefix(key, req.cache_namespace)
         self.inc_lock_ref(node)
         self.dec_lock_ref(req.last_node)
         req.slots, req.prefix_len, req.last_node = slots, slots.numel(), node
@@ -213,7 +251,7 @@ class NoPrefixCache:
     def reset(self) -> None:
         pass
 
-    def match_prefix(self, key: list[int]) -> tuple[torch.Tensor, None]:
+    def match_prefix(self, key: list[int], namespace: Hashable = None) -> tuple[torch.Tensor, None]:
         return _no_slots(), None
 
     def inc_lock_ref(self, node: None) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -61,6 +62,7 @@ class Req:
     slots: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
     prefix_len: int = 0  # leading slots owned by the radix tree (locked through last_node)
     last_node: TreeNode | None = None
+    cache_namespace: Hashable = None  # the radix tree shares prefixes only within one
     # first admission is recorded once (queue time, prefix-cache hits, prompt tokens): a
     # retracted request that is admitted again keeps what it reported
     admitted: bool = False
@@ -81,14 +83,21 @@ class Req:
         return self.row.params
 
 
-def _shares_uncached(fill: list[int], cached: int, pending: list[list[int]]) -> bool:
-    """Whether `fill`, beyond its `cached` tokens, starts like one of the `pending` prompts
-    for at least IN_BATCH_PREFIX_TOKENS tokens (which a prefill of those puts in the cache)."""
+def _shares_uncached(req: Req, cached: int, pending: list[Req]) -> bool:
+    """Whether `req`'s prompt, beyond its `cached` tokens, starts like one of the `pending`
+    prompts of its cache namespace for at least IN_BATCH_PREFIX_TOKENS tokens (which a
+    prefill of those puts in the cache)."""
     end = cached + IN_BATCH_PREFIX_TOKENS
+    fill = req.fill_ids
     if len(fill) <= end:
         return False
     window = fill[cached:end]
-    return any(len(p) > end and p[cached:end] == window for p in pending)
+    return any(
+        p.cache_namespace == req.cache_namespace
+        and len(p.fill_ids) > end
+        and p.fill_ids[cached:end] == window
+        for p in pending
+    )
 
 
 class Scheduler:
@@ -229,14 +238,12 @@ class Scheduler:
         running = len(self.running)
         reserve = self._reserve(self.running)
         # prompts whose KV this step computes: cached in the tree only once their prefill ends
-        pending = [r.fill_ids for r, _ in chosen]
+        pending = [r for r, _ in chosen]
         deferred: list[Req] = []
         while self.waiting and budget > 0 and running < self.args.max_running_requests:
             req = self.waiting[0]
-            prefix, node = self.cache.match_prefix(req.fill_ids[:-1])
-            if self.cache.reuses_prefixes and _shares_uncached(
-                req.fill_ids, prefix.numel(), pending
-            ):
+            prefix, node = self.cache.match_prefix(req.fill_ids[:-1], req.cache_namespace)
+            if self.cache.reuses_prefixes and _shares_uncached(req, prefix.numel(), pending):
                 # the same uncached prefix is being computed for another request: wait a
                 # step and take it from the cache instead of computing it twice
                 deferred.append(self.waiting.popleft())
@@ -249,7 +256,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             chosen.append((req, n))
-            pending.append(req.fill_ids)
+            pending.append(req)
             budget -= n
             running += 1
             if self.chunked is req:
@@ -316,7 +323,7 @@ class Scheduler:
         # retracted requests (which have output) keep their place at the front
         keyed = [
             (
-                -(self.cache.match_prefix(r.fill_ids[:-1])[0].numel())
+                -(self.cache.match_prefix(r.fill_ids[:-1], r.cache_namespace)[0].numel())
                 if not r.output_ids
                 else float("-inf"),
                 r.arrival,
