@@ -3,6 +3,11 @@
 Engine-side numbers (running, queued, KV usage, token counters) are read from the engine's
 latest stats at scrape time, so they cannot drift from the engine. Latencies are measured
 here, in the HTTP process, where the client's clock runs.
+
+The Gateway API Inference Extension's endpoint picker reads its gauges under vLLM's names by
+default (its model-server protocol: queued, running, KV utilisation 0-1, the cache-config and
+LoRA info metrics). `_PickerCollector` exports exactly those, from the same engine stats as
+ours, so a picker with its default flags routes to radixserve with no extra configuration.
 """
 
 from __future__ import annotations
@@ -55,10 +60,51 @@ class _EngineCollector:
             yield CounterMetricFamily(f"radixserve_{name}", doc, value=value)
 
 
+class _PickerCollector:
+    """vLLM's names for what the Inference Extension's picker scrapes (every 50 ms by default).
+
+    Labels follow vLLM (`model_name`); values come from the same `EngineStats` as
+    `radixserve_*`. The KV pool is paged one token a page, so a "block" is one token.
+    """
+
+    def __init__(self, stats: Callable[[], EngineStats], model_name: Callable[[], str]) -> None:
+        self._stats = stats
+        self._model_name = model_name
+
+    def collect(self):
+        s = self._stats()
+        labels = {"model_name": self._model_name()}
+
+        def gauge(name: str, doc: str, value: float, extra: dict[str, str] | None = None):
+            g = GaugeMetricFamily(name, doc, labels=[*labels, *(extra or {})])
+            g.add_metric([*labels.values(), *(extra or {}).values()], value)
+            return g
+
+        yield gauge("vllm:num_requests_waiting", "requests waiting (picker)", s.num_waiting)
+        yield gauge("vllm:num_requests_running", "requests running (picker)", s.num_running)
+        usage = s.kv_used_tokens / s.kv_total_tokens if s.kv_total_tokens else 0.0
+        yield gauge("vllm:kv_cache_usage_perc", "KV cache usage, 0-1 (picker)", usage)
+        cache = {"block_size": "1", "num_gpu_blocks": str(s.kv_total_tokens)}
+        yield gauge("vllm:cache_config_info", "KV cache layout (picker)", 1.0, cache)
+        lora = {
+            "max_lora": str(s.max_loras),
+            "running_lora_adapters": ",".join(s.running_lora_adapters),
+            "waiting_lora_adapters": ",".join(s.waiting_lora_adapters),
+        }
+        # the value is the time of the reading: the picker keeps the newest series
+        yield gauge("vllm:lora_requests_info", "LoRA adapters in use (picker)", time.time(), lora)
+
+
 class Metrics:
-    def __init__(self, stats: Callable[[], EngineStats], log_requests: bool = False) -> None:
+    def __init__(
+        self,
+        stats: Callable[[], EngineStats],
+        log_requests: bool = False,
+        model_name: Callable[[], str] = lambda: "",
+    ) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(stats))
+        self.registry.register(_PickerCollector(stats, model_name))
         self.log_requests = log_requests
         reg = {"registry": self.registry}
         self.http_requests = Counter(

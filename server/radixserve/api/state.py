@@ -52,7 +52,9 @@ class ServerState:
         self.stop = asyncio.Event()  # set: the server should exit (with exit_code)
         self.in_flight = 0
         self.admission = Admission(args)
-        self.metrics = Metrics(lambda: self.client.stats, args.log_requests)
+        self.metrics = Metrics(
+            lambda: self.client.stats, args.log_requests, lambda: self.model_name
+        )
         self.metrics.open_sequences.set_function(lambda: self.admission.open_sequences)
         self.metrics.queued_prompt_tokens.set_function(lambda: self.admission.queued_tokens)
         self.started_at = time.time()

@@ -126,6 +126,11 @@ class EngineStats:
     time_sample_s: float = 0.0  # penalties, grammar masks, sampling, logprobs
     time_output_s: float = 0.0  # stop checks and the outputs sent to the front
     forward_tokens: int = 0  # cumulative tokens through the model (prefill + decode)
+    # LoRA (the Inference Extension's info metric): adapters resident at once, and the
+    # names of adapters that running / waiting requests use
+    max_loras: int = 0
+    running_lora_adapters: list[str] = field(default_factory=list)
+    waiting_lora_adapters: list[str] = field(default_factory=list)
 
 
 @dataclass
