@@ -19,7 +19,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from radixserve import __version__
-from radixserve.api.errors import error_body, install_error_handlers
+from radixserve.api.anthropic import router as anthropic_router
+from radixserve.api.errors import error_body, error_body_for, install_error_handlers
 from radixserve.api.native import router as native_router
 from radixserve.api.openai import router as openai_router
 from radixserve.api.state import ServerState
@@ -47,6 +48,7 @@ class ServerMiddleware:
         self.state = state
         key = state.args.api_key
         self.key = f"Bearer {key}".encode() if key else None
+        self.raw_key = key.encode() if key else None  # Anthropic's clients send x-api-key
         self.limit = state.args.max_request_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -66,11 +68,11 @@ class ServerMiddleware:
             if path not in OPEN_PATHS:
                 refusal = self._refusal(headers)
                 if refusal is not None:
-                    await self._reply(counted_send, *refusal)
+                    await self._reply(counted_send, path, *refusal)
                     return
             size = headers.get(b"content-length")
             if size is not None and size.isdigit() and int(size) > self.limit:
-                await self._reply(counted_send, 413, str(BodyTooLarge(self.limit).detail))
+                await self._reply(counted_send, path, 413, str(BodyTooLarge(self.limit).detail))
                 return
             await self._run(scope, self._limited(receive), counted_send, path not in OPEN_PATHS)
         finally:
@@ -89,11 +91,13 @@ class ServerMiddleware:
 
     def _refusal(self, headers: dict[bytes, bytes]) -> tuple[int, str, str, dict] | None:
         if self.key is not None:
-            given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.key):
+            bearer = hmac.compare_digest(headers.get(b"authorization", b""), self.key)
+            x_api_key = hmac.compare_digest(headers.get(b"x-api-key", b""), self.raw_key)
+            if not (bearer or x_api_key):
                 return (
                     401,
-                    "Invalid or missing API key: send `Authorization: Bearer <key>`",
+                    "Invalid or missing API key: send `Authorization: Bearer <key>` "
+                    "(or `x-api-key: <key>`)",
                     "invalid_api_key",
                     {"www-authenticate": "Bearer"},
                 )
@@ -117,9 +121,9 @@ class ServerMiddleware:
 
     @staticmethod
     async def _reply(
-        send: Send, status: int, message: str, code: str | None = None, headers=None
+        send: Send, path: str, status: int, message: str, code: str | None = None, headers=None
     ) -> None:
-        body = json.dumps(error_body(status, message, code=code)).encode()
+        body = json.dumps(error_body_for(path, status, message, code=code)).encode()
         raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
         await send({"type": "http.response.start", "status": status, "headers": raw})
@@ -169,6 +173,7 @@ def create_app(args: ServerArgs) -> FastAPI:
 
     app.include_router(openai_router)
     app.include_router(native_router)
+    app.include_router(anthropic_router)
     app.add_middleware(ServerMiddleware, state=state)
     if args.enable_cors:  # outermost, so preflights need no API key
         from fastapi.middleware.cors import CORSMiddleware

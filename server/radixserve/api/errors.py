@@ -60,6 +60,32 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
 
 
+# Anthropic's Messages API answers in its own shape; its SDK reads the type and the status.
+ANTHROPIC_PREFIX = "/v1/messages"
+_ANTHROPIC_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def anthropic_error_body(status: int, message: str) -> dict:
+    kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def error_body_for(
+    path: str, status: int, message: str, param: str | None = None, code: str | None = None
+) -> dict:
+    """The error body in the shape of the API that `path` belongs to."""
+    if path.startswith(ANTHROPIC_PREFIX):
+        return anthropic_error_body(status, message)
+    return error_body(status, message, param, code)
+
+
 class _ASCIIJSONResponse(JSONResponse):
     """Escapes everything outside ASCII: a message that quotes the client's input stays
     valid JSON even when that input held a lone surrogate (no 500 while reporting a 400)."""
@@ -68,9 +94,11 @@ class _ASCIIJSONResponse(JSONResponse):
         return json.dumps(content, separators=(",", ":")).encode()
 
 
-def error_response(e: APIError) -> JSONResponse:
+def error_response(e: APIError, path: str = "") -> JSONResponse:
     return _ASCIIJSONResponse(
-        error_body(e.status, e.message, e.param, e.code), status_code=e.status, headers=e.headers
+        error_body_for(path, e.status, e.message, e.param, e.code),
+        status_code=e.status,
+        headers=e.headers,
     )
 
 
@@ -96,30 +124,35 @@ def _is_union_tag(part: str) -> bool:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, e: APIError) -> JSONResponse:
-        return error_response(e)
+    async def _api_error(request: Request, e: APIError) -> JSONResponse:
+        return error_response(e, request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:
         errors = e.errors()
         if not errors:
-            return error_response(bad_request("invalid request body"))
+            return error_response(bad_request("invalid request body"), request.url.path)
         first = errors[0]
         param = _loc(tuple(first.get("loc", ())))
         if first.get("type") == "json_invalid":
-            return error_response(bad_request(f"request body is not valid JSON: {first['msg']}"))
+            return error_response(
+                bad_request(f"request body is not valid JSON: {first['msg']}"), request.url.path
+            )
         if first.get("type") == "missing" and not param:
-            return error_response(bad_request("request body is missing"))
+            return error_response(bad_request("request body is missing"), request.url.path)
         message = f"{param}: {first['msg']}" if param else first["msg"]
-        return error_response(bad_request(message, param or None))
+        return error_response(bad_request(message, param or None), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
         return error_response(
-            APIError(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
+            APIError(e.status_code, str(e.detail), headers=getattr(e, "headers", None)),
+            request.url.path,
         )
 
     @app.exception_handler(Exception)
-    async def _internal(_: Request, e: Exception) -> JSONResponse:
+    async def _internal(request: Request, e: Exception) -> JSONResponse:
         logger.exception("unhandled error")
-        return error_response(APIError(500, f"internal error: {type(e).__name__}"))
+        return error_response(
+            APIError(500, f"internal error: {type(e).__name__}"), request.url.path
+        )

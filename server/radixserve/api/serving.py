@@ -283,27 +283,40 @@ class Formatter:
     def opening(self, seqs: Sequences) -> list[BaseModel | dict]:
         return []
 
-    def event(self, seqs: Sequences, chunk: GenerateChunk) -> BaseModel | dict | None:
+    def event(self, seqs: Sequences, chunk: GenerateChunk) -> BaseModel | dict | list | None:
+        """The event of one update (None: nothing to send; a list: several)."""
         raise NotImplementedError
 
     def closing(self, seqs: Sequences) -> list[BaseModel | dict]:
         return []
 
+    # SSE framing: OpenAI's chat and completions send bare `data:` lines ending in [DONE];
+    # APIs whose SDKs read named events (Responses, Anthropic's Messages) override these.
+    done: str | None = DONE
+
+    def frame(self, event: BaseModel | dict) -> str:
+        return sse(event)
+
+    def error_frame(self, e: Exception) -> str:
+        return sse_error(e)
+
 
 async def stream_events(seqs: Sequences, fmt: Formatter) -> AsyncIterator[str]:
     """The SSE stream of a request: its formatter's events, an error event if the engine or
-    the request fails after the 200 went out, then [DONE]; closing it aborts the sequences."""
+    the request fails after the 200 went out, then [DONE] (if the API ends so); closing it
+    aborts the sequences."""
     try:
         for event in fmt.opening(seqs):
-            yield sse(event)
+            yield fmt.frame(event)
         async for chunk in seqs.merged():
             event = fmt.event(seqs, chunk)
-            if event is not None:
-                yield sse(event)
+            for e in event if isinstance(event, list) else [] if event is None else [event]:
+                yield fmt.frame(e)
         for event in fmt.closing(seqs):
-            yield sse(event)
+            yield fmt.frame(event)
     except (EngineError, APIError) as e:
-        yield sse_error(e)
+        yield fmt.error_frame(e)
     finally:
         await seqs.aclose()
-    yield DONE
+    if fmt.done is not None:
+        yield fmt.done

@@ -92,13 +92,19 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     state = get_state(request)
     model = open_generation(state, req)
     tools = ToolMode.of(state, req)
-    job = await _job(state, req, tools)
+    job = await chat_job(state, req, tools)
     return await serve(request, state, job, ChatFormatter(state, req, model, tools))
 
 
-async def _job(state: ServerState, req: ChatCompletionRequest, tools: ToolMode) -> GenerationJob:
+async def chat_job(
+    state: ServerState,
+    req: ChatCompletionRequest,
+    tools: ToolMode,
+    route: str = "/v1/chat/completions",
+) -> GenerationJob:
     """The request adapter: the conversation through the chat template, checked, with the
-    sampling params (a required tool call is a grammar)."""
+    sampling params (a required tool call is a grammar). Responses and Messages requests
+    come here too, translated into a chat request (`route` labels their metrics)."""
     kwargs = dict(req.chat_template_kwargs or {})
     if req.tools and tools.render:
         kwargs["tools"] = req.tools
@@ -133,7 +139,7 @@ async def _job(state: ServerState, req: ChatCompletionRequest, tools: ToolMode) 
     top_n = req.top_logprobs or 0
     if top_n and not req.logprobs:
         raise bad_request("top_logprobs: needs logprobs=true", "top_logprobs")
-    return GenerationJob.of(req, "/v1/chat/completions", [ids], [params], req.logprobs, top_n)
+    return GenerationJob.of(req, route, [ids], [params], req.logprobs, top_n)
 
 
 class ChatFormatter(ChoicesFormatter):
@@ -270,12 +276,17 @@ class StreamView:
         self.sent_reasoning = 0
         self.sent_content = 0
 
-    def advance(self, text: str, finished: bool) -> DeltaMessage:
+    def step(self, text: str, finished: bool) -> tuple[str, str, list[ToolCall]]:
+        """(new reasoning, new content, tool calls) since the last step; calls at the end."""
         reasoning, content, calls = self.mode.split(text, finished)
         reasoning, content = reasoning or "", content or ""
         d_reason = reasoning[self.sent_reasoning :]
         d_content = content[self.sent_content :]
         self.sent_reasoning, self.sent_content = len(reasoning), len(content)
+        return d_reason, d_content, calls
+
+    def advance(self, text: str, finished: bool) -> DeltaMessage:
+        d_reason, d_content, calls = self.step(text, finished)
         return DeltaMessage(
             content=d_content or None,
             reasoning_content=d_reason or None,
