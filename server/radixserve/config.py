@@ -89,6 +89,11 @@ class ServerArgs:
         "lpm", "lpm: longest cached prefix first; fcfs: arrival order", ("lpm", "fcfs")
     )
     disable_radix_cache: bool = _f(False, "turn prefix reuse off")
+    enable_priority_scheduling: bool = _f(
+        False,
+        "honour each request's `priority` (lower is more urgent, as vLLM): admission order, "
+        "retraction order, and a full queue displaces its least urgent waiting request",
+    )
     attention_backend: str = _f("auto", "attention kernels", ("auto", "torch", "flashinfer"))
     tp_size: int = _f(1, "tensor-parallel ranks over all nodes (one engine process each)")
     nnodes: int = _f(1, "nodes the --tp-size ranks spread over (the same count on each)")

@@ -267,3 +267,76 @@ def test_out_of_memory_in_a_forward_retries_with_a_smaller_batch(env, one_at_a_t
     result = run(sched, [(p, GREEDY) for p in env[3][:8]])
     assert failed and sched.stats.num_oom_retries == 1
     assert tokens(result) == one_at_a_time[:8]
+
+
+def _run_msgs(sched: Scheduler, msgs: list[TokenizedGenerateReq]) -> tuple[dict, list[str]]:
+    """Outputs by rid, and the rids in the order their first token came."""
+    for m in msgs:
+        sched.add_request(m)
+    out: dict[str, dict] = {}
+    first: list[str] = []
+    while sched.has_work():
+        for o in sched.step():
+            d = out.setdefault(o.rid, {"ids": []})
+            if o.new_token_ids and not d["ids"]:
+                first.append(o.rid)
+            d["ids"] += o.new_token_ids
+            if o.finish_reason:
+                d["finish"], d["cached"] = o.finish_reason, o.cached_tokens
+    assert_pool_whole(sched)
+    return out, first
+
+
+def test_priority_orders_admission_only_when_enabled(env):
+    p = env[3]
+    msgs = [
+        TokenizedGenerateReq("low-a", p[0], GREEDY, priority=5),
+        TokenizedGenerateReq("low-b", p[1], GREEDY, priority=5),
+        TokenizedGenerateReq("urgent", p[2], GREEDY, priority=-1),
+    ]
+    _, order = _run_msgs(make(env, max_running_requests=1, enable_priority_scheduling=True), msgs)
+    assert order == ["urgent", "low-a", "low-b"]  # lower value first, then arrival
+    _, order = _run_msgs(make(env, max_running_requests=1), msgs)
+    assert order == ["low-a", "low-b", "urgent"]  # without the flag: arrival order
+
+
+def test_memory_shortage_retracts_the_least_urgent_first(env, one_at_a_time, monkeypatch):
+    """Two requests outgrow the pool while decoding: the older but less urgent one is
+    retracted (without priorities the newer one would be); both outputs are unchanged."""
+    p = env[3]
+    params = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
+    msgs = [
+        TokenizedGenerateReq("old-low", p[0], params, priority=9),
+        TokenizedGenerateReq("new-urgent", p[1], params, priority=0),
+    ]
+    for flag, expected in ((True, "old-low"), (False, "new-urgent")):
+        # no prefix cache: the two chat prompts share their template's system prompt
+        size = len(p[0]) + len(p[1]) + 12
+        sched = make(env, size, disable_radix_cache=True, enable_priority_scheduling=flag)
+        retracted: list[str] = []
+        real = sched._retract
+        monkeypatch.setattr(
+            sched, "_retract", lambda r, seen=retracted, f=real: (seen.append(r.rid), f(r))
+        )
+        out, _ = _run_msgs(sched, msgs)
+        assert retracted and retracted[0] == expected, (flag, retracted)
+        assert [out["old-low"]["ids"], out["new-urgent"]["ids"]] == one_at_a_time[:2]
+
+
+def test_cache_salt_separates_prefixes_and_same_salt_shares(env):
+    tok = env[1]
+    prompt = tok.encode("You are a careful assistant. " * 30 + "Name a large animal.")
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    sched = make(env)
+
+    def once(rid: str, salt: str | None) -> dict:
+        out, _ = _run_msgs(sched, [TokenizedGenerateReq(rid, prompt, params, cache_salt=salt)])
+        return out[rid]
+
+    first = once("a1", "tenant-a")
+    assert first["cached"] == 0
+    assert once("b1", "tenant-b")["cached"] == 0  # another salt never reads it
+    assert once("plain", None)["cached"] == 0  # nor does an unsalted request
+    again = once("a2", "tenant-a")
+    assert again["cached"] >= len(prompt) - 8  # the same salt does
+    assert again["ids"] == first["ids"]

@@ -46,7 +46,16 @@ class ResponseFormat(_Strict):
     json_schema: dict[str, Any] | None = None
 
 
-class SamplingExtras(_Strict):
+class EngineHints(_Strict):
+    """Fields of every generation route that steer the engine rather than the sampling."""
+
+    # vLLM's: lower is more urgent; anything but 0 needs --enable-priority-scheduling
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
+    # vLLM's: requests share cached prefixes only with requests of the same salt (tenants)
+    cache_salt: str | None = Field(None, min_length=1, max_length=256)
+
+
+class SamplingExtras(EngineHints):
     """The extras SGLang and vLLM accept on both completion endpoints."""
 
     top_k: int | None = None
@@ -285,7 +294,7 @@ class ModelList(BaseModel):
 
 
 # ---- native (SGLang) --------------------------------------------------------------------------
-class GenerateRequest(_Strict):
+class GenerateRequest(EngineHints):
     model_config = _examples(
         {
             "text": "The capital of France is",

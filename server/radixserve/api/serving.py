@@ -23,8 +23,8 @@ from fastapi import Request
 from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 
-from radixserve.api.admission import AdmissionTicket
-from radixserve.api.errors import APIError, error_body
+from radixserve.api.admission import AdmissionTicket, overloaded
+from radixserve.api.errors import APIError, bad_request, error_body
 from radixserve.api.state import ServerState
 from radixserve.engine.client import EngineError, GenerateChunk, sequence_rids
 from radixserve.engine.io_struct import FinishAbort
@@ -107,6 +107,8 @@ class GenerationJob:
     return_logprob: bool = False
     top_logprobs_num: int = 0
     timeout: float | None = None
+    priority: int = 0
+    cache_salt: str | None = None
 
     @classmethod
     def of(
@@ -118,8 +120,20 @@ class GenerationJob:
         logprobs: bool = False,
         top_n: int = 0,
     ) -> GenerationJob:
-        """A job taking stream, rid and timeout from the request: every API names them so."""
-        return cls(prompts, params, route, req.stream, req.rid, logprobs, top_n, req.timeout)
+        """A job taking stream, rid, timeout, priority and cache_salt from the request: every
+        API names them so."""
+        return cls(
+            prompts,
+            params,
+            route,
+            req.stream,
+            req.rid,
+            logprobs,
+            top_n,
+            req.timeout,
+            req.priority,
+            req.cache_salt,
+        )
 
 
 async def serve(request: Request, state: ServerState, job: GenerationJob, fmt: Formatter):
@@ -137,15 +151,23 @@ async def start_sequences(state: ServerState, job: GenerationJob) -> Sequences:
     prompts, params = job.prompts, job.params
     rid = job.rid or uuid.uuid4().hex
     arrival = time.perf_counter()
+    if job.priority and not state.args.enable_priority_scheduling:
+        raise bad_request(
+            "priority: the server does not schedule by priority (start it with "
+            "--enable-priority-scheduling)",
+            "priority",
+        )
     kw = {
         "stream": True,
         "return_logprob": job.return_logprob,
         "top_logprobs_num": job.top_logprobs_num,
         "deadline": deadline_of(state, job.timeout),
+        "priority": job.priority,
+        "cache_salt": job.cache_salt,
     }
     n = params[0].n
     tickets = state.admission.admit(
-        rid, [len(p) for p in prompts], n, state.info.max_running_requests
+        rid, [len(p) for p in prompts], n, state.info.max_running_requests, job.priority
     )
     prompt_rids = sequence_rids(rid, len(prompts), 1)
 
@@ -185,6 +207,8 @@ async def _tracked(
             ticket.started()
             chunk.index = index
             fr = chunk.finish_reason
+            if isinstance(fr, FinishAbort) and ticket.displaced:
+                raise overloaded("a request of higher priority took its place in the queue")
             if isinstance(fr, FinishAbort) and fr.status_code:
                 # the engine refused the request itself (e.g. a grammar that won't compile)
                 raise APIError(fr.status_code, fr.message)

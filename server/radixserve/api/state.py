@@ -51,7 +51,7 @@ class ServerState:
         self.exit_code = 0
         self.stop = asyncio.Event()  # set: the server should exit (with exit_code)
         self.in_flight = 0
-        self.admission = Admission(args)
+        self.admission = Admission(args, self.client.abort)
         self.metrics = Metrics(
             lambda: self.client.stats, args.log_requests, lambda: self.model_name
         )

@@ -293,6 +293,8 @@ class EngineClient:
         top_logprobs_num: int = 0,
         index: int = 0,
         deadline: float | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[GenerateChunk]:
         """Chunks of one sequence. Leaving the iterator early aborts it in the engine, and so
         does its `deadline` (time.monotonic()): the sequence then ends here at once with
@@ -315,7 +317,14 @@ class EngineClient:
         try:
             await self._send.send_pyobj(
                 TokenizedGenerateReq(
-                    rid, input_ids, params, return_logprob, top_logprobs_num, stream
+                    rid,
+                    input_ids,
+                    params,
+                    return_logprob,
+                    top_logprobs_num,
+                    stream,
+                    priority,
+                    cache_salt,
                 )
             )
             while not finished:

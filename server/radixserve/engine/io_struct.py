@@ -75,6 +75,8 @@ class TokenizedGenerateReq:
     return_logprob: bool = False
     top_logprobs_num: int = 0
     stream: bool = False
+    priority: int = 0  # lower is more urgent (used under --enable-priority-scheduling)
+    cache_salt: str | None = None  # prefixes are shared only within one salt
 
 
 @dataclass

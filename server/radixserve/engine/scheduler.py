@@ -63,6 +63,7 @@ class Req:
     prefix_len: int = 0  # leading slots owned by the radix tree (locked through last_node)
     last_node: TreeNode | None = None
     cache_namespace: Hashable = None  # the radix tree shares prefixes only within one
+    priority: int = 0  # lower is more urgent (--enable-priority-scheduling)
     # first admission is recorded once (queue time, prefix-cache hits, prompt tokens): a
     # retracted request that is admitted again keeps what it reported
     admitted: bool = False
@@ -142,6 +143,9 @@ class Scheduler:
             p, msg.input_ids, [], stop_ids, gen, msg.top_logprobs_num, msg.return_logprob
         )
         req = Req(msg.rid, list(msg.input_ids), row, msg.stream, self.arrivals)
+        req.priority = msg.priority
+        # a salted request shares cached prefixes only with requests of its salt
+        req.cache_namespace = None if msg.cache_salt is None else ("salt", msg.cache_salt)
         row.output_ids = req.output_ids
         self.arrivals += 1
         why = self._reject_reason(req)
@@ -314,25 +318,28 @@ class Scheduler:
         return n
 
     def _order_waiting(self) -> None:
-        if (
-            self.args.schedule_policy != "lpm"
-            or not self.cache.reuses_prefixes
-            or len(self.waiting) > LPM_MAX_WAITING
-        ):
+        """The admission order: priority first (under --enable-priority-scheduling), then
+        retracted requests (which have output) ahead of fresh ones, then the longest cached
+        prefix (lpm), then arrival."""
+        by_priority = self.args.enable_priority_scheduling
+        lpm = (
+            self.args.schedule_policy == "lpm"
+            and self.cache.reuses_prefixes
+            and len(self.waiting) <= LPM_MAX_WAITING
+        )
+        if not (by_priority or lpm):
             return
-        # retracted requests (which have output) keep their place at the front
-        keyed = [
-            (
-                -(self.cache.match_prefix(r.fill_ids[:-1], r.cache_namespace)[0].numel())
-                if not r.output_ids
-                else float("-inf"),
-                r.arrival,
-                r,
-            )
-            for r in self.waiting
-        ]
-        keyed.sort(key=lambda x: (x[0], x[1]))
-        self.waiting = deque(r for _, _, r in keyed)
+
+        def key(r: Req) -> tuple:
+            if r.output_ids:
+                cached = float("-inf")
+            elif lpm:
+                cached = -self.cache.match_prefix(r.fill_ids[:-1], r.cache_namespace)[0].numel()
+            else:
+                cached = 0
+            return (r.priority if by_priority else 0, cached, r.arrival)
+
+        self.waiting = deque(sorted(self.waiting, key=key))
 
     def _alloc(self, n: int) -> torch.Tensor | None:
         if self.pool.available() < n:
@@ -378,7 +385,7 @@ class Scheduler:
 
     def _schedule_decode(self) -> list[Req]:
         # a running request is either the one mid-chunk or decoding
-        decode = sorted((r for r in self.running if r is not self.chunked), key=lambda r: r.arrival)
+        decode = self._retraction_order(r for r in self.running if r is not self.chunked)
         while decode:
             new = self._alloc(len(decode))
             if new is not None:
@@ -393,6 +400,12 @@ class Scheduler:
                 break
             self._retract(victim)
         return decode
+
+    def _retraction_order(self, reqs) -> list[Req]:
+        """Memory shortage retracts from the end of this list: the newest requests, of the
+        least urgent priority first under --enable-priority-scheduling."""
+        by_priority = self.args.enable_priority_scheduling
+        return sorted(reqs, key=lambda r: (r.priority if by_priority else 0, r.arrival))
 
     def _retract(self, req: Req) -> None:
         self.running.remove(req)
@@ -494,7 +507,7 @@ class Scheduler:
                 self.chunked = None
             self._retract(req)
         self.prefill_budget = max(self.prefill_budget // 2, 16)
-        newest = sorted(decode, key=lambda r: r.arrival)[len(decode) - len(decode) // 2 :]
+        newest = self._retraction_order(decode)[len(decode) - len(decode) // 2 :]
         for req in newest if len(decode) > 1 else []:
             self._retract(req)
 
