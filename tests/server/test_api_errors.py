@@ -129,7 +129,7 @@ def test_completion_errors(api_server):
         ({"prompt": ["a"] * 20, "n": 128}, "n"),
         ({"prompt": "hi", "suffix": "x"}, "suffix"),
         ({"prompt": "hi", "best_of": 3}, "best_of"),
-        ({"prompt": "hi", "echo": True, "logprobs": 1}, "echo"),
+        ({"prompt": "hi", "logprobs": 1, "priority": 1}, "priority"),  # no priority scheduling
     ]
     for body, param in cases:
         r = post(api_server, "/v1/completions", body)

@@ -340,3 +340,30 @@ def test_cache_salt_separates_prefixes_and_same_salt_shares(env):
     again = once("a2", "tenant-a")
     assert again["cached"] >= len(prompt) - 8  # the same salt does
     assert again["ids"] == first["ids"]
+
+
+def test_prompt_logprobs_do_not_depend_on_chunks_or_the_cache(env):
+    """Scored in chunks of 7 tokens, or after the prompt was cached, the prompt's logprobs
+    are those of one whole prefill."""
+    prompt = env[3][0]
+    params = SamplingParams(max_new_tokens=0, temperature=0)
+
+    def score(sched: Scheduler, rid: str) -> list:
+        msg = TokenizedGenerateReq(rid, prompt, params, True, 3, logprob_start_len=0)
+        out = []
+        sched.add_request(msg)
+        while sched.has_work():
+            out += [o for o in sched.step() if o.prompt_logprobs is not None]
+        assert_pool_whole(sched)
+        assert len(out) == 1 and out[0].finish_reason.type == "length"
+        return out[0].prompt_logprobs
+
+    whole = score(make(env), "whole")
+    assert len(whole) == len(prompt) and whole[0] == (None, [])
+    sched = make(env, chunked_prefill_size=7, max_prefill_tokens=7)
+    for rid in ("chunked", "cached"):  # the second run finds the prompt in the cache
+        got = score(sched, rid)
+        assert got[0] == (None, [])
+        for (a, alts_a), (b, alts_b) in zip(got[1:], whole[1:], strict=True):
+            assert abs(a - b) < 1e-4
+            assert [t for t, _ in alts_a] == [t for t, _ in alts_b]

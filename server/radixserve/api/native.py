@@ -52,11 +52,19 @@ class GenerateFormatter(Formatter):
         self.state = state
         self.single = single  # one prompt, n=1: the object itself, not a list of one
 
-    def _output(self, seqs: Sequences, c: GenerateChunk, lps: list) -> dict:
+    def _output(
+        self, seqs: Sequences, c: GenerateChunk, lps: list, prompt_lps: list | None = None
+    ) -> dict:
         meta = c.meta_info()
         meta["e2e_latency"] = time.perf_counter() - seqs.arrival
+        text = self.state.token_text
+        if prompt_lps is not None:
+            meta["input_token_logprobs"] = [[lp, t, text(t)] for t, lp, _ in prompt_lps]
+            meta["input_top_logprobs"] = [
+                [[alp, a, text(a)] for a, alp in alts] if lp is not None else None
+                for _, lp, alts in prompt_lps
+            ]
         if lps:
-            text = self.state.token_text
             meta["output_token_logprobs"] = [[lp, t, text(t)] for t, lp, _ in lps]
             meta["output_top_logprobs"] = [
                 [[alp, a, text(a)] for a, alp in alts] for _, _, alts in lps
@@ -64,11 +72,11 @@ class GenerateFormatter(Formatter):
         return {"text": c.text, "output_ids": c.output_ids, "meta_info": meta, "index": c.index}
 
     def response(self, seqs: Sequences, finals: list[Final]) -> dict | list[dict]:
-        outs = [self._output(seqs, f.chunk, f.logprobs) for f in finals]
+        outs = [self._output(seqs, f.chunk, f.logprobs, f.prompt_logprobs) for f in finals]
         return outs[0] if self.single else outs
 
     def event(self, seqs: Sequences, chunk: GenerateChunk) -> dict:
-        return self._output(seqs, chunk, chunk.logprobs)
+        return self._output(seqs, chunk, chunk.logprobs, chunk.prompt_logprobs)
 
 
 @router.post("/generate")
@@ -106,6 +114,8 @@ async def _job(state: ServerState, req: GenerateRequest) -> tuple[GenerationJob,
     job = GenerationJob.of(
         req, "/generate", prompts, params, req.return_logprob, req.top_logprobs_num
     )
+    if req.return_logprob:
+        job.logprob_start_len = req.logprob_start_len
     return job, single and params[0].n == 1
 
 

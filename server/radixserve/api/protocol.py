@@ -307,6 +307,8 @@ class GenerateRequest(EngineHints):
     stream: bool = False
     return_logprob: bool = False
     top_logprobs_num: int = Field(0, ge=0, le=20)
+    # SGLang's: with return_logprob, the prompt's logprobs from this position (-1: none)
+    logprob_start_len: int = Field(-1, ge=-1)
     rid: str | None = Field(None, max_length=128)
     timeout: FiniteFloat | None = Field(None, gt=0)  # as SamplingExtras.timeout
 

@@ -109,6 +109,7 @@ class GenerationJob:
     timeout: float | None = None
     priority: int = 0
     cache_salt: str | None = None
+    logprob_start_len: int = -1  # prompt logprobs from this position (-1: none)
 
     @classmethod
     def of(
@@ -164,6 +165,7 @@ async def start_sequences(state: ServerState, job: GenerationJob) -> Sequences:
         "deadline": deadline_of(state, job.timeout),
         "priority": job.priority,
         "cache_salt": job.cache_salt,
+        "logprob_start_len": job.logprob_start_len,
     }
     n = params[0].n
     tickets = state.admission.admit(
@@ -260,6 +262,7 @@ class Final:
 
     chunk: GenerateChunk
     logprobs: list = field(default_factory=list)
+    prompt_logprobs: list | None = None
 
 
 async def collect(seqs: Sequences) -> list[Final]:
@@ -269,7 +272,8 @@ async def collect(seqs: Sequences) -> list[Final]:
         async for chunk in seqs.merged():
             prev = finals.get(chunk.index)
             lps = (prev.logprobs if prev else []) + list(chunk.logprobs)
-            finals[chunk.index] = Final(chunk, lps)
+            prompt_lps = chunk.prompt_logprobs or (prev.prompt_logprobs if prev else None)
+            finals[chunk.index] = Final(chunk, lps, prompt_lps)
     except EngineError as e:
         raise APIError(503, f"engine unavailable: {e}", code="engine_error") from e
     return [finals[i] for i in sorted(finals)]

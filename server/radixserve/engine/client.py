@@ -70,6 +70,9 @@ class GenerateChunk:
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
     index: int = 0
     queue_time: float | None = None  # seconds waiting in the engine, on the first chunk
+    # on the first chunk, when asked: per prompt token from logprob_start_len, as `logprobs`
+    # (the logprob is None for the prompt's first token: nothing precedes it)
+    prompt_logprobs: list[tuple[int, float | None, list[tuple[int, float]]]] | None = None
 
     def meta_info(self) -> dict:
         return {
@@ -295,6 +298,7 @@ class EngineClient:
         deadline: float | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
+        logprob_start_len: int = -1,
     ) -> AsyncIterator[GenerateChunk]:
         """Chunks of one sequence. Leaving the iterator early aborts it in the engine, and so
         does its `deadline` (time.monotonic()): the sequence then ends here at once with
@@ -325,6 +329,7 @@ class EngineClient:
                     stream,
                     priority,
                     cache_salt,
+                    logprob_start_len,
                 )
             )
             while not finished:
@@ -337,6 +342,7 @@ class EngineClient:
                         new_token_ids=[],
                         logprobs=None,
                         queue_time=None,
+                        prompt_logprobs=None,
                         finish_reason=TIMED_OUT,
                     )
                 else:
@@ -378,6 +384,14 @@ class EngineClient:
                     logprobs=lps,
                     index=index,
                     queue_time=out.queue_time,
+                    prompt_logprobs=None
+                    if out.prompt_logprobs is None
+                    else [
+                        (t, lp, alts)
+                        for t, (lp, alts) in zip(
+                            input_ids[logprob_start_len:], out.prompt_logprobs, strict=True
+                        )
+                    ],
                 )
                 emitted = visible
         finally:

@@ -77,6 +77,9 @@ class TokenizedGenerateReq:
     stream: bool = False
     priority: int = 0  # lower is more urgent (used under --enable-priority-scheduling)
     cache_salt: str | None = None  # prefixes are shared only within one salt
+    # with return_logprob: the first prompt position whose logprob is returned (SGLang's
+    # name); -1 returns only the output's
+    logprob_start_len: int = -1
 
 
 @dataclass
@@ -107,6 +110,9 @@ class ReqOutput:
     # per new token: (logprob, [(token_id, logprob), ...] top alternatives)
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
     queue_time: float | None = None  # arrival to first admission, on the first output only
+    # on the first output only: per prompt position from logprob_start_len, its token's
+    # logprob and top alternatives (None for position 0, which has no context)
+    prompt_logprobs: list[tuple[float | None, list[tuple[int, float]]]] | None = None
 
 
 @dataclass

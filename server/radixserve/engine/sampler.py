@@ -170,3 +170,15 @@ def _pick(info, chosen: torch.Tensor):
         alts = list(zip(ids[i], values[i], strict=True)) if top is not None else []
         out.append((c, alts))
     return out
+
+
+def token_logprobs(
+    logits: torch.Tensor, targets: list[int], top_n: int
+) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Each row's logprob of its target token, with the row's top `top_n` alternatives:
+    prompt logprobs, which score given tokens under the raw model (no penalties, no grammar:
+    nothing was sampled there)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = torch.tensor(targets, dtype=torch.int64, device=lp.device)
+    top = lp.topk(top_n, dim=-1) if top_n else None
+    return _pick((lp, top), chosen)

@@ -34,7 +34,7 @@ from radixserve.engine.io_struct import (
 )
 from radixserve.engine.model_runner import ModelRunner
 from radixserve.engine.radix_cache import NoPrefixCache, RadixCache, TreeNode
-from radixserve.engine.sampler import SamplingRow, sample
+from radixserve.engine.sampler import SamplingRow, sample, token_logprobs
 from radixserve.layers.attention import ForwardBatch
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,10 @@ class Req:
     last_node: TreeNode | None = None
     cache_namespace: Hashable = None  # the radix tree shares prefixes only within one
     priority: int = 0  # lower is more urgent (--enable-priority-scheduling)
+    # prompt logprobs: the first prompt position asked for (-1: none), and what is computed
+    prompt_lp_start: int = -1
+    prompt_logprobs: list = field(default_factory=list)
+    prompt_lp_sent: bool = False
     # first admission is recorded once (queue time, prefix-cache hits, prompt tokens): a
     # retracted request that is admitted again keeps what it reported
     admitted: bool = False
@@ -78,6 +82,20 @@ class Req:
     @property
     def fill_ids(self) -> list[int]:
         return self.origin_input_ids + self.output_ids
+
+    @property
+    def prompt_lp_pending(self) -> bool:
+        """Prompt logprobs asked for and not all computed: its prefill must compute the
+        positions they need instead of reading them from the prefix cache."""
+        want = len(self.origin_input_ids) - self.prompt_lp_start
+        return self.prompt_lp_start >= 0 and len(self.prompt_logprobs) < want
+
+    def cache_key(self) -> list[int]:
+        """What the prefix cache may serve: all but the last token (it must be computed for
+        the first sample), and nothing past the first position prompt logprobs need."""
+        if self.prompt_lp_pending:
+            return self.fill_ids[: max(self.prompt_lp_start, 1) - 1]
+        return self.fill_ids[:-1]
 
     @property
     def params(self):
@@ -144,6 +162,9 @@ class Scheduler:
         )
         req = Req(msg.rid, list(msg.input_ids), row, msg.stream, self.arrivals)
         req.priority = msg.priority
+        if msg.return_logprob and 0 <= msg.logprob_start_len < len(msg.input_ids):
+            req.prompt_lp_start = msg.logprob_start_len
+            req.prompt_logprobs = [(None, [])] if msg.logprob_start_len == 0 else []
         # a salted request shares cached prefixes only with requests of its salt
         req.cache_namespace = None if msg.cache_salt is None else ("salt", msg.cache_salt)
         row.output_ids = req.output_ids
@@ -198,8 +219,8 @@ class Scheduler:
         n = len(req.origin_input_ids)
         if n == 0:
             return FinishAbort("empty prompt")
-        if req.params.max_new_tokens == 0:
-            return FinishLength()
+        if req.params.max_new_tokens == 0 and req.prompt_lp_start < 0:
+            return FinishLength()  # nothing to compute (with prompt logprobs: the prompt)
         if n >= self.runner.context_length:
             return FinishAbort(
                 f"prompt of {n} tokens does not fit the context length {self.runner.context_length}"
@@ -246,7 +267,7 @@ class Scheduler:
         deferred: list[Req] = []
         while self.waiting and budget > 0 and running < self.args.max_running_requests:
             req = self.waiting[0]
-            prefix, node = self.cache.match_prefix(req.fill_ids[:-1], req.cache_namespace)
+            prefix, node = self.cache.match_prefix(req.cache_key(), req.cache_namespace)
             if self.cache.reuses_prefixes and _shares_uncached(req, prefix.numel(), pending):
                 # the same uncached prefix is being computed for another request: wait a
                 # step and take it from the cache instead of computing it twice
@@ -334,7 +355,7 @@ class Scheduler:
             if r.output_ids:
                 cached = float("-inf")
             elif lpm:
-                cached = -self.cache.match_prefix(r.fill_ids[:-1], r.cache_namespace)[0].numel()
+                cached = -self.cache.match_prefix(r.cache_key(), r.cache_namespace)[0].numel()
             else:
                 cached = 0
             return (r.priority if by_priority else 0, cached, r.arrival)
@@ -421,9 +442,16 @@ class Scheduler:
         prefix_lens, extend_lens, req_slots = [], [], []
         sample_reqs: list[Req] = []
         logit_rows: list[int] = []
+        prompt_rows: list[tuple[Req, int, int]] = []  # (request, row, the token it scores)
+        no_sample: list[Req] = []  # prompt logprobs with max_tokens 0: prefill, then finish
         for req, n in prefill:
             total = req.slots.numel()
             start = total - n
+            if req.prompt_lp_pending:
+                first = max(req.prompt_lp_start, 1) - 1  # position whose logits score the next
+                last = len(req.origin_input_ids) - 1  # the prompt's last token scores nothing
+                for q in range(max(first, start), min(total, last)):
+                    prompt_rows.append((req, len(ids) + q - start, req.origin_input_ids[q + 1]))
             ids += req.fill_ids[start:total]
             pos += range(start, total)
             loc.append(req.slots[start:])
@@ -431,6 +459,9 @@ class Scheduler:
             extend_lens.append(n)
             req_slots.append(req.slots)
             if total == len(req.fill_ids):
+                if req.params.max_new_tokens == 0:
+                    no_sample.append(req)
+                    continue
                 sample_reqs.append(req)
                 logit_rows.append(len(ids) - 1)
         for req in decode:
@@ -456,9 +487,10 @@ class Scheduler:
             req_slots=req_slots,
         )
         t0 = time.perf_counter()
+        rows = logit_rows + [row for _, row, _ in prompt_rows]
         try:
             logits = self.runner.forward(
-                batch, torch.tensor(logit_rows, dtype=torch.int64, device=device)
+                batch, torch.tensor(rows, dtype=torch.int64, device=device)
             )
         except (torch.OutOfMemoryError, MemoryError) as e:
             self._shrink_after_oom(prefill, decode, e)
@@ -470,6 +502,12 @@ class Scheduler:
         for req, _ in prefill:
             if req.slots.numel() == len(req.fill_ids):
                 self.cache.cache_unfinished(req)
+        if prompt_rows:
+            self._score_prompts(logits[len(logit_rows) :], prompt_rows)
+            logits = logits[: len(logit_rows)]
+        for req in no_sample:
+            self.running.remove(req)
+            self._finish(req, FinishLength())
         if not sample_reqs:
             return
         next_ids, logprobs = sample(logits, [r.row for r in sample_reqs], self.shared_gen)
@@ -490,6 +528,13 @@ class Scheduler:
                 self._finish(req, reason)
         self.stats.time_output_s += time.perf_counter() - t2
 
+    def _score_prompts(self, logits: torch.Tensor, rows: list[tuple[Req, int, int]]) -> None:
+        """Prompt logprobs: each scored position's token under the logits before it."""
+        top_n = max(req.row.top_logprobs_num for req, _, _ in rows)
+        scored = token_logprobs(logits, [tok for _, _, tok in rows], top_n)
+        for (req, _, _), (lp, alts) in zip(rows, scored, strict=True):
+            req.prompt_logprobs.append((lp, alts[: req.row.top_logprobs_num]))
+
     def _shrink_after_oom(
         self, prefill: list[tuple[Req, int]], decode: list[Req], err: Exception
     ) -> None:
@@ -505,6 +550,8 @@ class Scheduler:
             req.slots = req.slots[:-n]
             if self.chunked is req:
                 self.chunked = None
+            if req.prompt_lp_pending:  # its prefill starts over: so do its prompt logprobs
+                req.prompt_logprobs = [(None, [])] if req.prompt_lp_start == 0 else []
             self._retract(req)
         self.prefill_budget = max(self.prefill_budget // 2, 16)
         newest = self._retraction_order(decode)[len(decode) - len(decode) // 2 :]
@@ -556,6 +603,9 @@ class Scheduler:
         queue_time = None
         if req.queue_time is not None and not req.queue_time_sent:
             queue_time, req.queue_time_sent = req.queue_time, True
+        prompt_lps = None
+        if req.prompt_lp_start >= 0 and not req.prompt_lp_pending and not req.prompt_lp_sent:
+            prompt_lps, req.prompt_lp_sent = req.prompt_logprobs, True
         return ReqOutput(
             rid=req.rid,
             new_token_ids=new,
@@ -565,4 +615,5 @@ class Scheduler:
             finish_reason=req.finished_reason,
             logprobs=lps,
             queue_time=queue_time,
+            prompt_logprobs=prompt_lps,
         )

@@ -49,9 +49,12 @@ def _logprobs(state: ServerState, lps: list, top_n: int, offset: int) -> Complet
     for token_id, lp, alts in lps:
         text = state.token_text(token_id)
         out.tokens.append(text)
-        out.token_logprobs.append(finite(lp))
+        # None: the prompt's first token, which nothing precedes (OpenAI's echo shape)
+        out.token_logprobs.append(None if lp is None else finite(lp))
         out.top_logprobs.append(
-            {state.token_text(a): finite(alp) for a, alp in alts[:top_n]} if top_n else None
+            {state.token_text(a): finite(alp) for a, alp in alts[:top_n]}
+            if top_n and lp is not None
+            else None
         )
         out.text_offset.append(offset)
         offset += len(text)
@@ -80,7 +83,11 @@ class CompletionFormatter(ChoicesFormatter):
     def choice(self, seqs: Sequences, final: Final) -> CompletionChoice:
         c = final.chunk
         reason, matched = finish_reason(c)
-        lps = _logprobs(self.state, final.logprobs, self.top_n, 0) if self.want_lp else None
+        lps = None
+        if self.want_lp:
+            lps = _logprobs(
+                self.state, (final.prompt_logprobs or []) + final.logprobs, self.top_n, 0
+            )
         return CompletionChoice(
             index=c.index,
             text=self._echo(seqs, c.index) + c.text,
@@ -98,7 +105,8 @@ class CompletionFormatter(ChoicesFormatter):
             return None
         lps = None
         if self.want_lp:
-            lps = _logprobs(self.state, c.logprobs, self.top_n, offset)
+            echoed = (c.prompt_logprobs or []) if first else []
+            lps = _logprobs(self.state, echoed + c.logprobs, self.top_n, offset)
             self.offsets[c.index] = offset + sum(len(t) for t in lps.tokens)
         return CompletionChoice(
             index=c.index, text=text, logprobs=lps, finish_reason=reason, matched_stop=matched
@@ -120,8 +128,6 @@ async def _job(state: ServerState, req: CompletionRequest) -> tuple[GenerationJo
         raise bad_request("suffix: insertion (suffix) is not supported", "suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise bad_request("best_of: only best_of == n is supported", "best_of")
-    if req.echo and req.logprobs is not None:
-        raise bad_request("echo: prompt logprobs (echo with logprobs) are not supported", "echo")
     ids, texts = await _completion_prompts(state, req.prompt, req.n)
     for p in ids:
         check_prompt(state.info, p, "prompt", max_tokens=req.max_tokens)
@@ -135,4 +141,6 @@ async def _job(state: ServerState, req: CompletionRequest) -> tuple[GenerationJo
         ]
     lps = req.logprobs is not None
     job = GenerationJob.of(req, "/v1/completions", ids, [params] * len(ids), lps, req.logprobs or 0)
+    if req.echo and lps:
+        job.logprob_start_len = 0  # echo with logprobs: the prompt's tokens are scored too
     return job, echoes
