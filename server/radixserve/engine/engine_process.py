@@ -28,6 +28,7 @@ from radixserve.engine.io_struct import (
     ShutdownReq,
     TokenizedGenerateReq,
 )
+from radixserve.models import stop_tokens
 
 HEARTBEAT_S = 0.5
 logger = logging.getLogger("radixserve.engine")
@@ -45,6 +46,10 @@ def eos_token_ids(config, tokenizer, folder: str) -> list[int]:
 
     add(getattr(config, "eos_token_id", None))
     add(tokenizer.eos_token_id)
+    for token in stop_tokens(config):  # e.g. Gemma's <end_of_turn>
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id != tokenizer.unk_token_id:
+            add(token_id)
     try:
         from transformers import GenerationConfig
 

@@ -20,7 +20,7 @@ from radixserve.engine import cpu_path
 from radixserve.layers import parallel
 from radixserve.layers.attention import ForwardBatch, KVPool, create_attention_backend
 from radixserve.layers.linear import LinearBase
-from radixserve.models.llama import LlamaForCausalLM
+from radixserve.models import model_class
 from radixserve.models.loader import (
     ModelSource,
     gguf_linear_type,
@@ -88,6 +88,7 @@ class ModelRunner:
         self.config = load_config(self.source)
         cfg = self.config
         # refused before joining the group, so every rank fails fast with the same reason
+        model_cls = model_class(cfg)
         heads, kv_heads = parallel.shard_heads(
             cfg.num_attention_heads, cfg.num_key_value_heads, self.tp_size, rank
         )
@@ -116,9 +117,7 @@ class ModelRunner:
         self.num_heads = len(heads)  # this rank's share
         self.num_kv_heads = len(kv_heads)
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.backend = create_attention_backend(
-            args.attention_backend, self.device, self.num_heads, self.dtype
-        )
+        self.backend = self._attention_backend(model_cls)
         self.backend_name = type(self.backend).__name__.removesuffix("AttentionBackend").lower()
 
         max_pos = max(self.context_length, int(getattr(cfg, "max_position_embeddings", 0)))
@@ -126,7 +125,7 @@ class ModelRunner:
         torch.set_default_dtype(self.dtype)  # build parameters in their final dtype, no copy
         try:
             with torch.device(self.device):
-                model = LlamaForCausalLM(cfg, self.backend, max_pos)
+                model = model_cls(cfg, self.backend, max_pos)
         finally:
             torch.set_default_dtype(default_dtype)
         model.load_weights(iter_weights(self.source, cfg))
@@ -168,6 +167,22 @@ class ModelRunner:
             self.backend_name,
             self.max_total_tokens,
         )
+
+    def _attention_backend(self, model_cls: type):
+        """The backend asked for, except that a model whose attention needs a sliding window
+        or sinks takes the torch backend (FlashInfer's wrappers here take none of
+        them yet); asking for FlashInfer explicitly then is refused with the reason."""
+        name = self.args.attention_backend
+        extras = getattr(model_cls, "attention_extras", lambda cfg: "")(self.config)
+        if extras and name == "auto":
+            name = "torch"
+        backend = create_attention_backend(name, self.device, self.num_heads, self.dtype)
+        if extras and not backend.supports_window_and_sinks:
+            raise ValueError(
+                f"this model's attention needs {extras}, which the {name} attention backend "
+                "does not run: use --attention-backend torch (or auto)"
+            )
+        return backend
 
     def _quantize_int4(self) -> None:
         linears = [m for m in self.model.modules() if isinstance(m, LinearBase)]

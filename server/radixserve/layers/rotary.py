@@ -11,15 +11,18 @@ import torch
 from torch import nn
 
 
-def _inv_freq(config, head_dim: int) -> tuple[torch.Tensor, float]:
+def _inv_freq(config, head_dim: int, layer_type: str | None) -> tuple[torch.Tensor, float]:
     params = getattr(config, "rope_parameters", None) or {}
+    if layer_type is not None:  # Gemma 3 and gpt-oss-like configs: one entry per layer type
+        params = params.get(layer_type, params)
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type != "default":
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
         if rope_type not in ROPE_INIT_FUNCTIONS:
             raise ValueError(f"unsupported rope_type {rope_type!r} in the model config")
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+        kw = {"layer_type": layer_type} if layer_type in config.rope_parameters else {}
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"), **kw)
         return inv_freq.float(), float(scaling)
     theta = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
@@ -27,9 +30,11 @@ def _inv_freq(config, head_dim: int) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, config, head_dim: int, max_positions: int) -> None:
+    def __init__(
+        self, config, head_dim: int, max_positions: int, layer_type: str | None = None
+    ) -> None:
         super().__init__()
-        inv_freq, scaling = _inv_freq(config, head_dim)
+        inv_freq, scaling = _inv_freq(config, head_dim, layer_type)
         t = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)

@@ -176,6 +176,8 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.tie_word_embeddings:
                 continue
+            if self._load_other(name, tensor, loaded):
+                continue
             part = next((p for p in fused if f".{p}." in name), None)
             if part is None:
                 if name not in params:
@@ -204,6 +206,11 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.weight32 = module.weight.detach().float()
+
+    def _load_other(self, name: str, tensor: torch.Tensor, loaded: set[str]) -> bool:
+        """A family's own tensors (experts of a MoE): loaded, and their parameter names added
+        to `loaded`, by the subclass; False for everything Llama's rules handle."""
+        return False
 
     def _fused_parts(self, pname: str) -> list[range]:
         """Checkpoint rows of each part of a fused projection that this rank holds."""

@@ -89,10 +89,20 @@ def load_tokenizer(src: ModelSource, tokenizer_path: str | None = None):
 
     try:
         if tokenizer_path:
-            return AutoTokenizer.from_pretrained(tokenizer_path)
-        return AutoTokenizer.from_pretrained(src.folder, **src.hf_kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(src.folder, **src.hf_kwargs)
     except Exception as e:
         raise ModelLoadError(f"{tokenizer_path or src.path}: cannot read the tokenizer: {e}") from e
+    if tokenizer.chat_template is None:
+        # files without a template (llama.cpp's Gemma 3 GGUFs) get their family's, if any
+        from radixserve.models import chat_template
+
+        try:
+            tokenizer.chat_template = chat_template(load_config(src))
+        except ValueError:  # an architecture we do not serve: no template to offer
+            pass
+    return tokenizer
 
 
 def iter_weights(src: ModelSource, config) -> Iterator[tuple[str, torch.Tensor]]:

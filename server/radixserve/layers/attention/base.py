@@ -122,6 +122,7 @@ class AttentionBackend:
     """Interface: prepare once per step, then attend once per layer."""
 
     kv_head_major = False  # the KVPool layout this backend reads best
+    supports_window_and_sinks = False  # the forward's optional arguments
 
     def init_forward(self, batch: ForwardBatch) -> None:
         raise NotImplementedError
@@ -134,5 +135,11 @@ class AttentionBackend:
         layer_id: int,
         batch: ForwardBatch,
         scale: float,
+        window: int | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        """`window`: a query sees only the last `window` keys up to itself (its own
+        included), as transformers' sliding-window mask; the pool still holds every key.
+        `sinks`: one logit per query head that joins each softmax's denominator only
+        (gpt-oss)."""
         raise NotImplementedError

@@ -24,13 +24,18 @@ def _slot_table(
     return table.to(device, non_blocking=True), lens
 
 
-def _causal_mask(prefix: int, extend: int, device: torch.device) -> torch.Tensor | None:
-    """[extend, prefix + extend] True where query i may see key j (j <= prefix + i); None for
-    a fresh prompt, where SDPA's own causal flag is the same rule."""
-    if prefix == 0:
+def _causal_mask(
+    prefix: int, extend: int, device: torch.device, window: int | None = None
+) -> torch.Tensor | None:
+    """[extend, prefix + extend] True where query i may see key j (j <= prefix + i, and
+    with a window j > prefix + i - window); None for a fresh prompt without a window, where
+    SDPA's own causal flag is the same rule."""
+    if prefix == 0 and window is None:
         return None
-    keys = torch.arange(prefix + extend, device=device)
-    return keys[None, :] <= prefix + torch.arange(extend, device=device)[:, None]
+    keys = torch.arange(prefix + extend, device=device)[None, :]
+    last = prefix + torch.arange(extend, device=device)[:, None]
+    mask = keys <= last
+    return mask & (keys > last - window) if window is not None else mask
 
 
 def _sdpa(q, k, v, **kw) -> torch.Tensor:
@@ -42,6 +47,26 @@ def _sdpa(q, k, v, **kw) -> torch.Tensor:
             q.float(), k.float(), v.float(), enable_gqa=True, **kw
         ).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
+
+
+def _attend(q, k, v, mask, scale, sinks=None) -> torch.Tensor:
+    """Attention for [B, H, Q, D] queries over [B, Hkv, L, D] keys: SDPA, or with per-head
+    sinks (which SDPA cannot add to its softmax) the same in float32 matmuls.
+    `mask` is [B or 1, 1, Q, L] or [Q, L] (True where visible), or None for causal."""
+    if sinks is None:
+        return _sdpa(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+    group = q.shape[1] // k.shape[1]
+    k = k.float().repeat_interleave(group, 1)
+    v = v.float().repeat_interleave(group, 1)
+    scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scale
+    if mask is None:
+        qn, kn = scores.shape[-2:]
+        mask = torch.ones(qn, kn, dtype=torch.bool, device=q.device).tril(kn - qn)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    # the sink's logit joins the softmax; its probability is dropped
+    sink = sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    probs = torch.cat([scores, sink], -1).softmax(-1)[..., :-1]
+    return torch.matmul(probs, v).to(q.dtype)
 
 
 # A prefill group padded to its longest prompt and longest context costs B x Q x L scores
@@ -58,7 +83,12 @@ _FLOAT32_DECODE_ELEMENTS = 1 << 16
 
 
 def _decode_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pad: torch.Tensor,
+    scale: float,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query per request. q [B, H, D]; k, v [Hkv, B, L, D]; pad [B, L] True where padded.
 
@@ -75,13 +105,19 @@ def _decode_attention(
     qh = q.view(b, hk, g, d).transpose(0, 1).reshape(hk * b, g, d)
     scores = torch.bmm(qh, k.reshape(hk * b, length, d).transpose(1, 2)).float().mul_(scale)
     scores = scores.view(hk, b, g, length).masked_fill_(pad[None, :, None, :], float("-inf"))
-    p = scores.softmax(-1).to(v.dtype).view(hk * b, g, length)
+    if sinks is not None:  # per query head; its probability is dropped after the softmax
+        sink = sinks.float().view(hk, 1, g, 1).expand(hk, b, g, 1)
+        p = torch.cat([scores, sink], -1).softmax(-1)[..., :-1].to(v.dtype)
+        p = p.reshape(hk * b, g, length)
+    else:
+        p = scores.softmax(-1).to(v.dtype).view(hk * b, g, length)
     o = torch.bmm(p, v.reshape(hk * b, length, d))
     return o.view(hk, b, g, d).transpose(0, 1).reshape(b, hk * g, d).to(dtype)
 
 
 class TorchAttentionBackend(AttentionBackend):
     kv_head_major = True
+    supports_window_and_sinks = True
 
     def init_forward(self, batch: ForwardBatch) -> None:
         device = batch.input_ids.device
@@ -90,6 +126,7 @@ class TorchAttentionBackend(AttentionBackend):
         if np_:
             pre = batch.prefix_lens[:np_]
             ext = batch.extend_lens[:np_]
+            md["prefill_lens"] = (pre, ext)
             padded = np_ * max(ext) * max(p + e for p, e in zip(pre, ext, strict=True))
             needed = sum(e * (p + e) for p, e in zip(pre, ext, strict=True))
             # one fresh prompt attends only to itself: the per-request path with no gather
@@ -115,6 +152,7 @@ class TorchAttentionBackend(AttentionBackend):
                 q_valid = qpos[None, :] < ext_t[:, None]
                 q_index = torch.where(q_valid, starts[:, None] + qpos[None, :], 0)
                 md["prefill_table"] = table
+                md["prefill_positions"] = (kpos, pre_t, qpos)  # for windowed masks
                 md["prefill_mask"] = mask[:, None].to(device)
                 md["prefill_q_index"] = q_index.to(device)
                 md["prefill_q_valid"] = q_valid.reshape(-1).to(device)
@@ -122,47 +160,67 @@ class TorchAttentionBackend(AttentionBackend):
         if nd:
             table, kv_lens = _slot_table(batch.req_slots[np_:], device)
             md["decode_table"] = table
+            md["decode_lens"] = kv_lens
             md["decode_pad"] = (torch.arange(table.shape[1])[None, :] >= kv_lens[:, None]).to(
                 device
             )
         batch.metadata["torch"] = md
 
-    def forward(self, q, k, v, layer_id, batch, scale):
+    @staticmethod
+    def _windowed(md: dict, window: int, device: torch.device) -> dict:
+        """The step's masks narrowed to a sliding window: built on the first layer that asks
+        and shared by the others with the same window. Keys outside the window stay in the
+        pool (the radix cache may hand them to a later request); they are only masked."""
+        key = ("window", window)
+        if key in md:
+            return md[key]
+        out: dict = {}
+        if "prefill_each" in md:
+            out["prefill_each"] = [
+                (start, e, slots, _causal_mask(p, e, device, window))
+                for (start, e, slots, _), p in zip(
+                    md["prefill_each"], md["prefill_lens"][0], strict=True
+                )
+            ]
+        if "prefill_mask" in md:
+            kpos, pre_t, qpos = md["prefill_positions"]
+            inside = kpos[None, None, :] > pre_t[:, None, None] + qpos[None, :, None] - window
+            out["prefill_mask"] = md["prefill_mask"] & inside[:, None].to(device)
+        if "decode_pad" in md:
+            kv_lens = md["decode_lens"]
+            width = md["decode_pad"].shape[1]
+            outside = torch.arange(width)[None, :] < (kv_lens[:, None] - window)
+            out["decode_pad"] = md["decode_pad"] | outside.to(device)
+        md[key] = out
+        return out
+
+    def forward(self, q, k, v, layer_id, batch, scale, window=None, sinks=None):
         pool = batch.kv_pool
         pool.set_kv(layer_id, batch.out_cache_loc, k, v)
         md = batch.metadata["torch"]
+        masks = md if window is None else {**md, **self._windowed(md, window, q.device)}
         npt = batch.num_prefill_tokens
         outs = []
         if batch.num_prefill_reqs:
-            if "prefill_each" in md:
-                for start, e, slots, mask in md["prefill_each"]:
+            if "prefill_each" in masks:
+                for start, e, slots, mask in masks["prefill_each"]:
                     if slots is None:  # a fresh prompt: its K/V are this step's own
                         kp = k[start : start + e].transpose(0, 1)[None]
                         vp = v[start : start + e].transpose(0, 1)[None]
                     else:  # [1, Hkv, prefix + extend, D]
                         kp, vp = (t.transpose(0, 1) for t in pool.gather(layer_id, slots[None]))
-                    o = _sdpa(
-                        q[start : start + e].transpose(0, 1)[None],
-                        kp,
-                        vp,
-                        attn_mask=mask,
-                        is_causal=mask is None,
-                        scale=scale,
-                    )
+                    qp = q[start : start + e].transpose(0, 1)[None]
+                    o = _attend(qp, kp, vp, mask, scale, sinks)
                     outs.append(o[0].transpose(0, 1))
             else:
                 kp, vp = pool.gather(layer_id, md["prefill_table"])  # [Hkv, B, L, D]
                 qp = q[md["prefill_q_index"]].transpose(1, 2)  # [B, H, Q, D]
-                o = _sdpa(
-                    qp,
-                    kp.transpose(0, 1),
-                    vp.transpose(0, 1),
-                    attn_mask=md["prefill_mask"],
-                    scale=scale,
-                )
+                kp, vp = kp.transpose(0, 1), vp.transpose(0, 1)
+                o = _attend(qp, kp, vp, masks["prefill_mask"], scale, sinks)
                 o = o.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2])
                 outs.append(o[md["prefill_q_valid"]])
         if batch.batch_size > batch.num_prefill_reqs:
             kd, vd = pool.gather(layer_id, md["decode_table"])
-            outs.append(_decode_attention(q[npt:], kd, vd, md["decode_pad"], scale))
+            pad = masks["decode_pad"]
+            outs.append(_decode_attention(q[npt:], kd, vd, pad, scale, sinks))
         return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
