@@ -70,6 +70,14 @@ FAMILIES = {
         sliding_window=16,
         tie_word_embeddings=False,
     ),
+    "gpt_oss": dict(
+        model_type="gpt_oss",
+        num_hidden_layers=2,  # sliding, then full
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=8,
+        swiglu_limit=0.05,  # small enough that the clamp bites on random weights
+    ),
 }
 
 

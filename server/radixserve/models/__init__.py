@@ -20,6 +20,7 @@ ARCHITECTURES = {
     "Gemma3ForCausalLM": ("gemma3", "Gemma3ForCausalLM"),
     "Qwen3MoeForCausalLM": ("moe", "Qwen3MoeForCausalLM"),
     "MixtralForCausalLM": ("moe", "MixtralForCausalLM"),
+    "GptOssForCausalLM": ("gpt_oss", "GptOssForCausalLM"),
 }
 MODEL_TYPES = {
     "llama": "LlamaForCausalLM",
@@ -29,6 +30,7 @@ MODEL_TYPES = {
     "gemma3_text": "Gemma3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
 }
 
 

@@ -59,10 +59,9 @@ class SparseMoeBlock(nn.Module):
 
 
 class MoeDecoderLayer(DecoderLayer):
-    def __init__(self, config, layer_id, rotary, backend, mlp: nn.Module, qk_norm: bool) -> None:
+    def __init__(self, config, layer_id, rotary, backend, mlp: nn.Module, **attention) -> None:
         nn.Module.__init__(self)
-        norm = RMSNorm if qk_norm else None
-        self.self_attn = FamilyAttention(config, layer_id, rotary, backend, qk_norm=norm)
+        self.self_attn = FamilyAttention(config, layer_id, rotary, backend, **attention)
         self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -71,7 +70,7 @@ class MoeDecoderLayer(DecoderLayer):
 class MoeForCausalLM(LlamaForCausalLM):
     """Shared by the MoE families: what differs is each layer's MLP (`_mlp`)."""
 
-    qk_norm = False
+    attention: dict = {}  # the family's FamilyAttention options
 
     def __init__(self, config, backend: AttentionBackend, max_positions: int) -> None:
         nn.Module.__init__(self)
@@ -82,7 +81,7 @@ class MoeForCausalLM(LlamaForCausalLM):
         self.rotary = RotaryEmbedding(config, head_dim, max_positions)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            MoeDecoderLayer(config, i, self.rotary, backend, self._mlp(config, i), self.qk_norm)
+            MoeDecoderLayer(config, i, self.rotary, backend, self._mlp(config, i), **self.attention)
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -125,7 +124,7 @@ class MoeForCausalLM(LlamaForCausalLM):
 
 
 class Qwen3MoeForCausalLM(MoeForCausalLM):
-    qk_norm = True
+    attention = {"qk_norm": RMSNorm}
 
     def _mlp(self, config, layer_id: int) -> nn.Module:
         sparse = (
