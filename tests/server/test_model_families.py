@@ -78,6 +78,22 @@ FAMILIES = {
         sliding_window=8,
         swiglu_limit=0.05,  # small enough that the clamp bites on random weights
     ),
+    "phi3": dict(
+        model_type="phi3",
+        num_hidden_layers=2,
+        head_dim=16,  # hidden_size / heads, as Phi-3's RoPE assumes
+        pad_token_id=0,  # Phi-3's defaults (32000) lie outside the tiny vocabulary
+        eos_token_id=2,
+        sliding_window=12,
+        original_max_position_embeddings=128,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": [1.0 + 0.05 * i for i in range(8)],
+            "long_factor": [2.0 + 0.1 * i for i in range(8)],
+        },
+        tie_word_embeddings=False,
+    ),
 }
 
 
