@@ -89,6 +89,17 @@ class ServerArgs:
         "lpm", "lpm: longest cached prefix first; fcfs: arrival order", ("lpm", "fcfs")
     )
     disable_radix_cache: bool = _f(False, "turn prefix reuse off")
+    speculative_algorithm: str | None = _f(
+        None,
+        "speculative decoding: NGRAM drafts from the prompt and output so far (prompt lookup)",
+        ("NGRAM",),
+    )
+    speculative_num_draft_tokens: int = _f(4, "tokens drafted per request and step")
+    speculative_ngram_min_match_window_size: int = _f(1, "shortest suffix NGRAM looks up")
+    speculative_ngram_max_match_window_size: int = _f(12, "longest suffix NGRAM looks up")
+    speculative_max_batch_size: int = _f(
+        4, "draft only while at most this many requests decode (larger batches gain little)"
+    )
     enable_priority_scheduling: bool = _f(
         False,
         "honour each request's `priority` (lower is more urgent, as vLLM): admission order, "
@@ -139,10 +150,21 @@ class ServerArgs:
             "cuda_graph_max_bs",
             "stream_interval",
             "max_request_body_bytes",
+            "speculative_num_draft_tokens",
+            "speculative_ngram_min_match_window_size",
+            "speculative_max_batch_size",
         )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if (
+            self.speculative_ngram_max_match_window_size
+            < self.speculative_ngram_min_match_window_size
+        ):
+            raise ValueError(
+                "--speculative-ngram-max-match-window-size must be at least "
+                "--speculative-ngram-min-match-window-size"
+            )
         if self.max_queued_requests is not None and self.max_queued_requests < 0:
             raise ValueError("--max-queued-requests must be at least 0")
         if self.max_queued_tokens is not None and self.max_queued_tokens < 1:

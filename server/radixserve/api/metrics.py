@@ -56,6 +56,8 @@ class _EngineCollector:
             ("prompt_tokens", "prompt tokens admitted", s.prompt_tokens),
             ("generation_tokens", "tokens generated", s.generation_tokens),
             ("retractions", "requests preempted for lack of KV memory", s.num_retractions),
+            ("spec_draft_tokens", "tokens speculative decoding drafted", s.spec_draft_tokens),
+            ("spec_accepted_tokens", "drafted tokens the model accepted", s.spec_accepted_tokens),
         ):  # fmt: skip
             yield CounterMetricFamily(f"radixserve_{name}", doc, value=value)
 

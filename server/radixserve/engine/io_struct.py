@@ -136,6 +136,8 @@ class EngineStats:
     forward_tokens: int = 0  # cumulative tokens through the model (prefill + decode)
     # LoRA (the Inference Extension's info metric): adapters resident at once, and the
     # names of adapters that running / waiting requests use
+    spec_draft_tokens: int = 0  # cumulative: tokens speculative decoding drafted
+    spec_accepted_tokens: int = 0  # cumulative: drafts the target model accepted
     max_loras: int = 0
     running_lora_adapters: list[str] = field(default_factory=list)
     waiting_lora_adapters: list[str] = field(default_factory=list)

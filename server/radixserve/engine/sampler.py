@@ -182,3 +182,14 @@ def token_logprobs(
     chosen = torch.tensor(targets, dtype=torch.int64, device=lp.device)
     top = lp.topk(top_n, dim=-1) if top_n else None
     return _pick((lp, top), chosen)
+
+
+def distribution(logits: torch.Tensor, row: SamplingRow) -> torch.Tensor:
+    """The normalised distribution each row of `logits` would be sampled from under `row`'s
+    temperature, top_k, top_p and min_p (speculative verification needs the probabilities
+    themselves, where `sample` only draws)."""
+    rows = [row] * logits.shape[0]
+    probs = torch.softmax(logits / row.params.temperature, dim=-1)
+    if row.params.top_k > 0 or row.params.top_p < 1 or row.params.min_p > 0:
+        probs = _filter(probs, rows)
+    return probs / probs.sum(-1, keepdim=True)

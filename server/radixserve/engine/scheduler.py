@@ -35,6 +35,7 @@ from radixserve.engine.io_struct import (
 from radixserve.engine.model_runner import ModelRunner
 from radixserve.engine.radix_cache import NoPrefixCache, RadixCache, TreeNode
 from radixserve.engine.sampler import SamplingRow, sample, token_logprobs
+from radixserve.engine.speculative import SpecState, Speculation, verify
 from radixserve.layers.attention import ForwardBatch
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class Req:
     prompt_lp_start: int = -1
     prompt_logprobs: list = field(default_factory=list)
     prompt_lp_sent: bool = False
+    spec: SpecState | None = None  # speculative decoding: this step's drafts, acceptance
     # first admission is recorded once (queue time, prefix-cache hits, prompt tokens): a
     # retracted request that is admitted again keeps what it reported
     admitted: bool = False
@@ -145,6 +147,14 @@ class Scheduler:
         self.shared_gen = torch.Generator(device=runner.device).manual_seed(args.random_seed)
         self.finished_outputs: list[ReqOutput] = []
         self.grammar_wait: list[tuple[Req, Future]] = []  # compiling off the loop
+        self.spec: Speculation | None = None
+        if args.speculative_algorithm == "NGRAM":
+            self.spec = Speculation(
+                args.speculative_num_draft_tokens,
+                args.speculative_ngram_min_match_window_size,
+                args.speculative_ngram_max_match_window_size,
+                args.speculative_max_batch_size,
+            )
         self._grammar_backend = None
 
     def has_work(self) -> bool:
@@ -384,6 +394,8 @@ class Scheduler:
         if self.grammar_wait:
             self._admit_compiled()
         decode = self._schedule_decode()
+        if self.spec is not None:
+            self._propose(decode)
         prefill = self._schedule_prefill()
         if prefill or decode:
             self._run(prefill, decode)
@@ -421,6 +433,33 @@ class Scheduler:
                 break
             self._retract(victim)
         return decode
+
+    def _propose(self, decode: list[Req]) -> None:
+        """Drafts for the decoding requests that speculation serves, each with KV slots for
+        its drafts (none when the pool is short: it then decodes one token)."""
+        for r in decode:
+            if not self.spec.eligible(r.row):
+                continue
+            r.spec = r.spec or SpecState([])
+            if not self.spec.should_propose(r.spec, len(decode)):
+                continue
+            room = min(
+                self.spec.k,
+                r.params.max_new_tokens - len(r.output_ids) - 1,
+                self.runner.context_length - len(r.fill_ids) - 1,
+            )
+            drafts = self.spec.proposer.propose(r.fill_ids, room)
+            new = self._alloc(len(drafts)) if drafts else None
+            if new is not None:
+                r.slots = torch.cat([r.slots, new])
+                r.spec.drafts = drafts
+
+    def _drop_drafts(self, reqs: list[Req]) -> None:
+        for r in reqs:
+            if r.spec is not None and r.spec.drafts:
+                self.pool.free(r.slots[-len(r.spec.drafts) :])
+                r.slots = r.slots[: -len(r.spec.drafts)]
+                r.spec.drafts = []
 
     def _retraction_order(self, reqs) -> list[Req]:
         """Memory shortage retracts from the end of this list: the newest requests, of the
@@ -464,7 +503,22 @@ class Scheduler:
                     continue
                 sample_reqs.append(req)
                 logit_rows.append(len(ids) - 1)
+        # drafted requests verify their drafts as an extend: the last token, then the drafts
+        drafted = [r for r in decode if r.spec is not None and r.spec.drafts]
+        spec_rows: list[tuple[Req, int]] = []  # (request, its first row among the rows)
+        for req in drafted:
+            drafts = req.spec.drafts
+            start = req.slots.numel() - len(drafts) - 1
+            spec_rows.append((req, len(ids)))
+            ids += [req.fill_ids[-1], *drafts]
+            pos += range(start, start + len(drafts) + 1)
+            loc.append(req.slots[start:])
+            prefix_lens.append(start)
+            extend_lens.append(len(drafts) + 1)
+            req_slots.append(req.slots)
         for req in decode:
+            if req.spec is not None and req.spec.drafts:
+                continue
             total = req.slots.numel()
             ids.append(req.fill_ids[total - 1])
             pos.append(total - 1)
@@ -480,19 +534,22 @@ class Scheduler:
             positions=torch.tensor(pos, dtype=torch.int64, device=device),
             out_cache_loc=torch.cat(loc).to(device),
             kv_pool=self.pool,
-            num_prefill_reqs=len(prefill),
-            num_prefill_tokens=sum(n for _, n in prefill),
+            num_prefill_reqs=len(prefill) + len(drafted),
+            num_prefill_tokens=sum(n for _, n in prefill)
+            + sum(len(r.spec.drafts) + 1 for r in drafted),
             prefix_lens=prefix_lens,
             extend_lens=extend_lens,
             req_slots=req_slots,
         )
         t0 = time.perf_counter()
-        rows = logit_rows + [row for _, row, _ in prompt_rows]
+        verify_rows = [row + i for req, row in spec_rows for i in range(len(req.spec.drafts) + 1)]
+        rows = logit_rows + [row for _, row, _ in prompt_rows] + verify_rows
         try:
             logits = self.runner.forward(
                 batch, torch.tensor(rows, dtype=torch.int64, device=device)
             )
         except (torch.OutOfMemoryError, MemoryError) as e:
+            self._drop_drafts(drafted)
             self._shrink_after_oom(prefill, decode, e)
             return
         t1 = time.perf_counter()
@@ -502,9 +559,12 @@ class Scheduler:
         for req, _ in prefill:
             if req.slots.numel() == len(req.fill_ids):
                 self.cache.cache_unfinished(req)
+        if verify_rows:
+            self._verify(logits[len(logits) - len(verify_rows) :], spec_rows)
         if prompt_rows:
-            self._score_prompts(logits[len(logit_rows) :], prompt_rows)
-            logits = logits[: len(logit_rows)]
+            end = len(logit_rows) + len(prompt_rows)
+            self._score_prompts(logits[len(logit_rows) : end], prompt_rows)
+        logits = logits[: len(logit_rows)]
         for req in no_sample:
             self.running.remove(req)
             self._finish(req, FinishLength())
@@ -527,6 +587,34 @@ class Scheduler:
             if reason is not None:
                 self._finish(req, reason)
         self.stats.time_output_s += time.perf_counter() - t2
+
+    def _verify(self, logits: torch.Tensor, spec_rows: list[tuple[Req, int]]) -> None:
+        """Each drafted request keeps its accepted drafts and the target's next token (up to
+        a stop), and gives back the slots of the drafts it rejected."""
+        at = 0
+        for req, _ in spec_rows:
+            drafts, req.spec.drafts = req.spec.drafts, []
+            n = len(drafts) + 1
+            tokens, accepted = verify(logits[at : at + n], req.row, drafts, self.shared_gen)
+            at += n
+            self.spec.record(req.spec, len(drafts), accepted)
+            self.stats.spec_draft_tokens += len(drafts)
+            self.stats.spec_accepted_tokens += accepted
+            base = len(req.fill_ids)  # the last token's position + 1: its KV is written now
+            reason = None
+            emitted = 0
+            for tok in tokens:
+                req.output_ids.append(tok)
+                emitted += 1
+                self.stats.generation_tokens += 1
+                reason = self._check_finished(req, tok)
+                if reason is not None:
+                    break
+            keep = base + min(emitted, accepted)  # positions whose KV holds accepted tokens
+            self.pool.free(req.slots[keep:])
+            req.slots = req.slots[:keep]
+            if reason is not None:
+                self._finish(req, reason)
 
     def _score_prompts(self, logits: torch.Tensor, rows: list[tuple[Req, int, int]]) -> None:
         """Prompt logprobs: each scored position's token under the logits before it."""
