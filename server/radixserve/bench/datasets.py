@@ -145,6 +145,37 @@ def sample_sharegpt(
     return requests
 
 
+GROUNDED_MIN_TOKENS = 64  # a passage short enough to copy in one breath is no test
+
+
+def sample_grounded(
+    num_prompts: int,
+    tokenizer: Any,
+    *,
+    seed: int = 0,
+    path: str | Path | None = None,
+    max_output_len: int | None = None,
+) -> list[BenchRequest]:
+    """Input-grounded requests (edit or copy a given text: where the answer repeats the
+    prompt, as in summaries, code edits and retrieval answers): each ShareGPT reply of
+    64-768 tokens as a passage to repeat; the output is as long as the passage (capped)."""
+    pairs = load_sharegpt_pairs(path)
+    random.Random(seed).shuffle(pairs)
+    requests: list[BenchRequest] = []
+    for _, reply in pairs:
+        if len(requests) == num_prompts:
+            break
+        n = len(tokenizer.encode(reply, add_special_tokens=False))
+        if not GROUNDED_MIN_TOKENS <= n <= 768:
+            continue
+        prompt = f"Passage:\n{reply}\n\nThe passage above, repeated word for word:\n"
+        prompt_len = len(tokenizer.encode(prompt, add_special_tokens=False))
+        requests.append(BenchRequest(prompt, prompt_len, min(n, max_output_len or n)))
+    if len(requests) < num_prompts:
+        raise ValueError(f"ShareGPT has only {len(requests)} usable passages, {num_prompts} asked")
+    return requests
+
+
 def _plain_token_ids(tokenizer: Any) -> list[int]:
     """Vocabulary ids that are not special tokens, to build random text from."""
     special = set(tokenizer.all_special_ids)

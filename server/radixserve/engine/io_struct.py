@@ -138,6 +138,7 @@ class EngineStats:
     # names of adapters that running / waiting requests use
     spec_draft_tokens: int = 0  # cumulative: tokens speculative decoding drafted
     spec_accepted_tokens: int = 0  # cumulative: drafts the target model accepted
+    spec_rounds: int = 0  # cumulative: verifications (a request's drafts in one step)
     max_loras: int = 0
     running_lora_adapters: list[str] = field(default_factory=list)
     waiting_lora_adapters: list[str] = field(default_factory=list)

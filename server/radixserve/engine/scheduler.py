@@ -600,6 +600,7 @@ class Scheduler:
             self.spec.record(req.spec, len(drafts), accepted)
             self.stats.spec_draft_tokens += len(drafts)
             self.stats.spec_accepted_tokens += accepted
+            self.stats.spec_rounds += 1
             base = len(req.fill_ids)  # the last token's position + 1: its KV is written now
             reason = None
             emitted = 0
