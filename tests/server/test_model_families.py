@@ -199,3 +199,29 @@ def test_two_tensor_parallel_ranks_match_transformers(family):
         sampling = {"temperature": 0.0, "max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS}
         out = engine.generate(input_ids=PROMPTS, sampling_params=sampling)
     assert [r["output_ids"] for r in out] == expected[: len(PROMPTS)]
+
+
+def test_moe_step_profile_splits_the_step(tmp_path):
+    """`radixserve bench --offline --moe`'s profile: the hooks see the router, the experts
+    and the attention of every step, and the parts add up to the step."""
+    from radixserve.bench.moe import step_profile
+
+    path = family_dir(tmp_path / "moe", "qwen3_moe")
+    profile = step_profile(path, {"dtype": "float32", "device": "cpu"}, batch=2, prompt_len=8)
+    for phase in ("prefill", "decode"):
+        ms = profile[phase]
+        assert min(ms["router"], ms["experts"], ms["attention"]) > 0
+        parts = ms["router"] + ms["experts"] + ms["attention"] + ms["rest"]
+        assert abs(parts - ms["total"]) < 1e-6 * max(ms["total"], 1)
+
+
+def test_moe_flops_count_only_the_routed_experts(tmp_path):
+    from radixserve.bench.offline import model_flops
+
+    path = family_dir(tmp_path / "moe", "qwen3_moe")
+    h, heads, kv, d = 64, 4, 2, 32
+    attention = h * (heads + 2 * kv) * d + heads * d * h
+    # qwen3_moe's config: 6 experts, top 2, 40 columns; layer 1 is dense (96 columns) but
+    # the count takes every layer as sparse
+    moe = h * 6 + 2 * 3 * h * 40
+    assert model_flops(path, 10, 0) == 2 * 10 * 3 * (attention + moe)

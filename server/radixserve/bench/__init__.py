@@ -116,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offline", action="store_true", help="benchmark radixserve.Engine in-process")
     p.add_argument("--model-path", help="model for --offline (default: the default model)")
     p.add_argument(
+        "--moe",
+        action="store_true",
+        help="--offline on a random-weight Qwen3-MoE shaped like Granite 3.0 1B-A400M, then "
+        "its step profile (router, experts, attention)",
+    )
+    p.add_argument("--moe-layers", type=int, default=24, help="layers of the --moe model")
+    p.add_argument(
         "--engine-arg",
         action="append",
         default=[],
@@ -248,12 +255,20 @@ def main(argv: list[str] | None = None) -> int:
         "json_schema_ratio": args.json_schema_ratio,
     }
 
+    if args.moe and not args.offline:
+        print("radixserve bench: --moe runs with --offline", file=sys.stderr)
+        return 2
     if args.offline:
         from radixserve.bench.offline import format_offline, run_offline
 
+        model_path = args.model_path
+        if args.moe:
+            from radixserve.bench.moe import moe_model_dir
+
+            model_path = moe_model_dir(args.moe_layers)
         offline = run_offline(
             requests,
-            model_path=args.model_path,
+            model_path=model_path,
             engine_args=_engine_args(args.engine_arg),
             warmup=warmup,
             ignore_eos=ignore_eos,
@@ -261,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         print(format_offline(offline))
         record |= {"mode": "offline", "engine_args": _engine_args(args.engine_arg)}
         record |= offline.to_dict()
+        if args.moe:
+            from radixserve.bench.moe import format_profile, step_profile
+
+            profile = step_profile(model_path, _engine_args(args.engine_arg))
+            print(format_profile(profile, batch=8, prompt_len=128))
+            record |= {"moe_layers": args.moe_layers, "moe_step_profile_ms": profile}
     else:
         from radixserve.bench.serving import run_benchmark
 

@@ -138,7 +138,13 @@ def model_flops(model_path: str, forward_tokens: int, logit_rows: int) -> float:
     h, inter = cfg.hidden_size, cfg.intermediate_size
     head_dim = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
     q, kv = cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * inter
+    experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+    if experts:  # a MoE token goes through the router and its top k experts only
+        inter = getattr(cfg, "moe_intermediate_size", None) or inter
+        mlp = h * experts + cfg.num_experts_per_tok * 3 * h * inter
+    else:
+        mlp = 3 * h * inter
+    per_layer = h * (q + 2 * kv) + q * h + mlp
     return 2.0 * (
         cfg.num_hidden_layers * per_layer * forward_tokens + cfg.vocab_size * h * logit_rows
     )
