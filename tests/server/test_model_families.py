@@ -10,6 +10,8 @@ sliding window shorter than the prompts, soft caps, per-type RoPE, expert routin
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from radixserve.config import ServerArgs
@@ -225,3 +227,84 @@ def test_moe_flops_count_only_the_routed_experts(tmp_path):
     # the count takes every layer as sparse
     moe = h * 6 + 2 * 3 * h * 40
     assert model_flops(path, 10, 0) == 2 * 10 * 3 * (attention + moe)
+
+
+# llama.cpp's names for a Qwen3-MoE layer's tensors (the experts' gate and up are stacked
+# [E, I, H] tensors of their own there, one [E, 2I, H] tensor in transformers)
+GGUF_LAYER_NAMES = {
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate.weight": "ffn_gate_inp.weight",
+    "mlp.experts.down_proj": "ffn_down_exps.weight",
+}
+GGUF_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "lm_head.weight": "output.weight",
+    "model.norm.weight": "output_norm.weight",
+}
+
+
+def tiny_qwen3_moe_gguf(path) -> str:
+    """A random Qwen3-MoE written as a float32 GGUF the way llama.cpp lays one out. Its
+    experts have 768 columns: transformers' GGUF reader has no key for
+    moe_intermediate_size and leaves the config's default, 768."""
+    from gguf import GGUFWriter
+
+    cfg = AutoConfig.for_model("qwen3_moe", num_hidden_layers=2, num_experts=4, **SIZES)
+    cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.tie_word_embeddings = 2, True, False
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    inter = cfg.moe_intermediate_size
+    out = path / "tiny-qwen3-moe.gguf"
+    writer = GGUFWriter(str(out), "qwen3moe")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_expert_count(cfg.num_experts)
+    writer.add_expert_used_count(cfg.num_experts_per_tok)
+    writer.add_vocab_size(cfg.vocab_size)
+    for name, tensor in model.state_dict().items():
+        if "norm" in name:
+            tensor = tensor + torch.randn_like(tensor) * 0.1
+        t = tensor.numpy()
+        if name in GGUF_NAMES:
+            writer.add_tensor(GGUF_NAMES[name], t)
+            continue
+        _, _, layer, rest = name.split(".", 3)
+        if rest == "mlp.experts.gate_up_proj":
+            writer.add_tensor(f"blk.{layer}.ffn_gate_exps.weight", t[:, :inter].copy())
+            writer.add_tensor(f"blk.{layer}.ffn_up_exps.weight", t[:, inter:].copy())
+        else:
+            writer.add_tensor(f"blk.{layer}.{GGUF_LAYER_NAMES[rest]}", t)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(out)
+
+
+def test_moe_experts_from_gguf_match_transformers(tmp_path):
+    """Qwen3-MoE from a GGUF (stacked expert tensors, through transformers' GGUF reader)."""
+    gguf = tiny_qwen3_moe_gguf(tmp_path)
+    ref = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file=os.path.basename(gguf), dtype=torch.float32
+    ).eval()
+    runner = ModelRunner(ServerArgs(model_path=gguf, **COMMON))
+    ids = PROMPTS[2]
+    with torch.no_grad():
+        theirs = ref(torch.tensor([ids])).logits[0]
+    assert (prefill_logits(runner, ids) - theirs).abs().max().item() < LOGIT_ATOL
+    assert greedy(runner, ids, 16) == want(ref, [ids], 16)[0]
