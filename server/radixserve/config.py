@@ -131,6 +131,14 @@ class ServerArgs:
         None, "split <think>...</think> into reasoning_content", ("qwen3", "deepseek-r1", "think")
     )
     enable_cors: bool = _f(False, "answer CORS preflights (off by default)")
+    responses_store_size: int = _f(
+        4096,
+        "responses /v1/responses keeps in memory for previous_response_id and GET "
+        "(store: true); the least recently used are dropped beyond this",
+    )
+    profile_dir: str | None = _f(
+        None, "where /start_profile writes torch profiler traces unless the request names one"
+    )
 
     def __post_init__(self) -> None:
         self.check()
@@ -153,6 +161,7 @@ class ServerArgs:
             "speculative_num_draft_tokens",
             "speculative_ngram_min_match_window_size",
             "speculative_max_batch_size",
+            "responses_store_size",
         )
         for name in positive:
             if getattr(self, name) < 1:

@@ -328,6 +328,9 @@ class Formatter:
     def error_frame(self, e: Exception) -> str:
         return sse_error(e)
 
+    def end(self) -> None:
+        """Called once a stream is over, however it ended (finished, failed, client gone)."""
+
 
 async def stream_events(seqs: Sequences, fmt: Formatter) -> AsyncIterator[str]:
     """The SSE stream of a request: its formatter's events, an error event if the engine or
@@ -346,5 +349,6 @@ async def stream_events(seqs: Sequences, fmt: Formatter) -> AsyncIterator[str]:
         yield fmt.error_frame(e)
     finally:
         await seqs.aclose()
+        fmt.end()
     if fmt.done is not None:
         yield fmt.done

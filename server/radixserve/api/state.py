@@ -18,6 +18,7 @@ from fastapi import Request
 from radixserve.api.admission import Admission
 from radixserve.api.errors import APIError
 from radixserve.api.metrics import Metrics
+from radixserve.api.store import ResponseStore
 from radixserve.config import ServerArgs
 from radixserve.engine.client import EngineClient
 from radixserve.engine.io_struct import EngineReady
@@ -52,6 +53,7 @@ class ServerState:
         self.stop = asyncio.Event()  # set: the server should exit (with exit_code)
         self.in_flight = 0
         self.admission = Admission(args, self.client.abort)
+        self.responses = ResponseStore(args.responses_store_size)  # /v1/responses, store: true
         self.metrics = Metrics(
             lambda: self.client.stats, args.log_requests, lambda: self.model_name
         )

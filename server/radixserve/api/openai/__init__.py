@@ -2,8 +2,8 @@
 
 from fastapi import APIRouter
 
-from radixserve.api.openai import chat, completions, embeddings, models
+from radixserve.api.openai import chat, completions, embeddings, models, responses
 
 router = APIRouter()
-for _module in (chat, completions, embeddings, models):
+for _module in (chat, completions, embeddings, models, responses):
     router.include_router(_module.router)
