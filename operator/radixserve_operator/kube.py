@@ -31,7 +31,14 @@ PLURALS = {
     "PodDisruptionBudget": "poddisruptionbudgets",
     "HorizontalPodAutoscaler": "horizontalpodautoscalers",
     "InferencePool": "inferencepools",
+    "HTTPRoute": "httproutes",
+    "LeaderWorkerSet": "leaderworkersets",
+    "ScaledObject": "scaledobjects",
+    "ServiceAccount": "serviceaccounts",
+    "Role": "roles",
+    "RoleBinding": "rolebindings",
     "Secret": "secrets",
+    "Pod": "pods",
     "ModelDeployment": "modeldeployments",
 }
 
@@ -122,6 +129,19 @@ class KubeClient:
             if error.status == 404:
                 return None
             raise
+
+    async def list(self, path: str, label_selector: str) -> list[dict[str, Any]]:
+        """The items of a collection that the label selector picks (on the API server)."""
+        found = await self._request("GET", path, params={"labelSelector": label_selector})
+        return found.get("items", [])
+
+    async def serves(self, api_version: str, kind: str) -> bool:
+        """Whether the API server serves this kind (its CRD is installed), from discovery."""
+        if "/" not in api_version:
+            return True  # the core group is always there
+        found = await self.get(f"/apis/{api_version}")
+        resources = (found or {}).get("resources", [])
+        return any(resource.get("name") == PLURALS[kind] for resource in resources)
 
     async def patch(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """JSON merge patch; used only for the ModelDeployment's status, which is all ours."""

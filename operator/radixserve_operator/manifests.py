@@ -30,6 +30,26 @@ CACHE_DIR = "/cache"
 PRESTOP_SLEEP_SECONDS = 5
 EXIT_MARGIN_SECONDS = 15
 UID = 1000
+# Multi-node: rank 0 (the LeaderWorkerSet's leader) listens here for the other ranks.
+DIST_INIT_PORT = 29500
+# Labels LeaderWorkerSet puts on its pods; the leader of each group has worker index 0.
+LWS_WORKER_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/worker-index"
+# The endpoint picker (Gateway API Inference Extension) reads this pod label to know which
+# metric names a model server exports. Ours exports vLLM's names (queue, running, KV-cache
+# usage, cache config, LoRA info) beside radixserve_*, so the picker's defaults apply.
+ENGINE_TYPE_LABEL = "inference.networking.k8s.io/engine-type"
+ENGINE_TYPE = "vllm"
+# The picker's defaults (epp v1.0) read these metric names, which the server exports.
+PICKER_METRICS = {
+    "queued requests": "vllm:num_requests_waiting",
+    "running requests": "vllm:num_requests_running",
+    "KV-cache usage (0-1)": "vllm:kv_cache_usage_perc",
+    "cache config (block_size, num_gpu_blocks)": "vllm:cache_config_info",
+    "LoRA adapters (max_lora, running/waiting_lora_adapters)": "vllm:lora_requests_info",
+}
+PICKER_GRPC_PORT = 9002
+PICKER_HEALTH_PORT = 9003
+PICKER_METRICS_PORT = 9090
 
 DEFAULT_PROBES: dict[str, dict[str, int]] = {
     # Loading a large model can take many minutes: a long failureThreshold (not an
@@ -75,6 +95,22 @@ def selector(name: str) -> dict[str, str]:
     return {"app.kubernetes.io/name": "radixserve", "app.kubernetes.io/instance": name}
 
 
+def pod_labels(name: str) -> dict[str, str]:
+    """The serving pods' labels: the contract's, plus the one the endpoint picker reads."""
+    return {**labels(name), ENGINE_TYPE_LABEL: ENGINE_TYPE}
+
+
+def multi_node(spec: Spec) -> bool:
+    return spec["parallelism"]["nodes"] > 1
+
+
+def serving_selector(name: str, spec: Spec) -> dict[str, str]:
+    """The pods that answer HTTP: all of them, or only each group's leader when multi-node."""
+    if multi_node(spec):
+        return {**selector(name), LWS_WORKER_INDEX_LABEL: "0"}
+    return selector(name)
+
+
 def selector_string(name: str) -> str:
     """The selector as the scale subresource's labelSelectorPath expects it."""
     return ",".join(f"{key}={value}" for key, value in selector(name).items())
@@ -110,8 +146,13 @@ def _downloads(spec: Spec) -> bool:
     return "huggingFace" in spec["model"] or "url" in spec["model"]
 
 
-def server_args(name: str, spec: Spec) -> list[str]:
-    """`radixserve serve` flags for the spec (DESIGN.md's contract)."""
+def server_args(name: str, spec: Spec, node_rank: str = "0") -> list[str]:
+    """`radixserve serve` flags for the spec (DESIGN.md's contract).
+
+    Multi-node, every pod of a group gets `--nnodes`, `--dist-init-addr` (the leader's
+    address, from LeaderWorkerSet's environment) and its `--node-rank`, which the kubelet
+    expands from `$(LWS_WORKER_INDEX)` for the workers.
+    """
     engine = spec["engine"]
     args = ["--host", "0.0.0.0", "--port", str(SERVER_PORT)]
     model_path = _model_path(spec)
@@ -127,6 +168,8 @@ def server_args(name: str, spec: Spec) -> list[str]:
         "maxTotalTokens": "--max-total-tokens",
         "chunkedPrefillSize": "--chunked-prefill-size",
         "memFractionStatic": "--mem-fraction-static",
+        "maxLoras": "--max-loras",
+        "maxLoraRank": "--max-lora-rank",
     }
     for field, flag in optional.items():
         if field in engine:
@@ -135,7 +178,17 @@ def server_args(name: str, spec: Spec) -> list[str]:
         args.append("--disable-radix-cache")
     args += ["--shutdown-timeout", str(engine["shutdownTimeoutSeconds"])]
     args += ["--log-level", engine["logLevel"]]
+    if spec.get("adapters"):
+        args += ["--lora-paths", *adapter_args(spec["adapters"])]
+    if multi_node(spec):
+        args += ["--nnodes", str(spec["parallelism"]["nodes"]), "--node-rank", node_rank]
+        args += ["--dist-init-addr", f"$(LWS_LEADER_ADDRESS):{DIST_INIT_PORT}"]
     return args + list(engine.get("extraArgs", []))
+
+
+def adapter_args(adapters: list[dict[str, str]]) -> list[str]:
+    """`--lora-paths` values: NAME=SOURCE, the server resolving hf:// and URLs itself."""
+    return [f"{adapter['name']}={adapter['source']}" for adapter in adapters]
 
 
 def termination_grace_seconds(spec: Spec) -> int:
@@ -272,16 +325,17 @@ def _init_containers(spec: Spec, image: str, pull_policy: str) -> list[dict[str,
     ]
 
 
-def deployment(name: str, namespace: str, spec: Spec) -> Manifest:
+def _server_container(name: str, spec: Spec, node_rank: str = "0") -> dict[str, Any]:
+    """The server container; a multi-node worker (rank above 0) serves no HTTP, so it has
+    no port and no probes: its group's leader answers for it."""
     image_spec = spec["image"]
-    image = f"{image_spec['repository']}:{image_spec['tag']}"
-    volumes, mounts = _volumes(name, spec)
-    container = {
+    _, mounts = _volumes(name, spec)
+    container: dict[str, Any] = {
         "name": "server",
-        "image": image,
+        "image": f"{image_spec['repository']}:{image_spec['tag']}",
         "imagePullPolicy": image_spec["pullPolicy"],
         "command": ["radixserve", "serve"],
-        "args": server_args(name, spec),
+        "args": server_args(name, spec, node_rank),
         "ports": [{"name": "http", "containerPort": SERVER_PORT, "protocol": "TCP"}],
         "env": _env(spec),
         "resources": _resources(spec, with_gpus=True),
@@ -292,6 +346,19 @@ def deployment(name: str, namespace: str, spec: Spec) -> Manifest:
         "securityContext": _security_context(),
         "volumeMounts": mounts,
     }
+    if multi_node(spec) and node_rank == "0":
+        dist = {"name": "dist", "containerPort": DIST_INIT_PORT, "protocol": "TCP"}
+        container["ports"].append(dist)
+    if node_rank != "0":
+        for field in ("ports", "startupProbe", "readinessProbe", "livenessProbe"):
+            del container[field]
+    return container
+
+
+def _pod_template(name: str, spec: Spec, node_rank: str = "0") -> dict[str, Any]:
+    image_spec = spec["image"]
+    image = f"{image_spec['repository']}:{image_spec['tag']}"
+    volumes, _ = _volumes(name, spec)
     pod_spec: dict[str, Any] = {
         # A Service named like a RADIXSERVE_* flag would otherwise inject RADIXSERVE_PORT etc.
         "enableServiceLinks": False,
@@ -305,7 +372,7 @@ def deployment(name: str, namespace: str, spec: Spec) -> Manifest:
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "initContainers": _init_containers(spec, image, image_spec["pullPolicy"]),
-        "containers": [container],
+        "containers": [_server_container(name, spec, node_rank)],
         "volumes": volumes,
     }
     if not pod_spec["initContainers"]:
@@ -315,9 +382,16 @@ def deployment(name: str, namespace: str, spec: Spec) -> Manifest:
             pod_spec[field] = spec[field]
     if image_spec.get("pullSecrets"):
         pod_spec["imagePullSecrets"] = [{"name": s} for s in image_spec["pullSecrets"]]
-    template_meta: dict[str, Any] = {"labels": labels(name)}
+    template_meta: dict[str, Any] = {"labels": pod_labels(name)}
     if spec.get("podAnnotations"):
         template_meta["annotations"] = dict(spec["podAnnotations"])
+    return {"metadata": template_meta, "spec": pod_spec}
+
+
+def deployment(name: str, namespace: str, spec: Spec) -> Manifest | None:
+    """The serving pods of a single-node model (multi-node: `leader_worker_set`)."""
+    if multi_node(spec):
+        return None
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -334,7 +408,43 @@ def deployment(name: str, namespace: str, spec: Spec) -> Manifest:
                     "maxUnavailable": spec["rollout"]["maxUnavailable"],
                 },
             },
-            "template": {"metadata": template_meta, "spec": pod_spec},
+            "template": _pod_template(name, spec),
+        },
+    }
+
+
+def leader_worker_set(name: str, namespace: str, spec: Spec) -> Manifest | None:
+    """A multi-node model: each replica is a group of `parallelism.nodes` pods.
+
+    The leader (index 0) serves HTTP and carries the probes; workers join it through the
+    environment LeaderWorkerSet injects (LWS_LEADER_ADDRESS, LWS_WORKER_INDEX). A pod that
+    fails restarts its whole group, since the ranks' collectives cannot take a new member;
+    `spec.replicas` (and so `kubectl scale md`) counts groups.
+    """
+    if not multi_node(spec):
+        return None
+    return {
+        "apiVersion": "leaderworkerset.x-k8s.io/v1",
+        "kind": "LeaderWorkerSet",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels(name)},
+        "spec": {
+            "replicas": spec["replicas"],
+            # Workers start with the leader, not after it is ready: it becomes ready only
+            # once they joined.
+            "startupPolicy": "LeaderCreated",
+            "rolloutStrategy": {
+                "type": "RollingUpdate",
+                "rollingUpdateConfiguration": {
+                    "maxSurge": spec["rollout"]["maxSurge"],
+                    "maxUnavailable": spec["rollout"]["maxUnavailable"],
+                },
+            },
+            "leaderWorkerTemplate": {
+                "size": spec["parallelism"]["nodes"],
+                "restartPolicy": "RecreateGroupOnPodRestart",
+                "leaderTemplate": _pod_template(name, spec, "0"),
+                "workerTemplate": _pod_template(name, spec, "$(LWS_WORKER_INDEX)"),
+            },
         },
     }
 
@@ -350,7 +460,7 @@ def service(name: str, namespace: str, spec: Spec) -> Manifest:
         "metadata": metadata,
         "spec": {
             "type": svc["type"],
-            "selector": selector(name),
+            "selector": serving_selector(name, spec),
             "ports": [
                 {
                     "name": "http",
@@ -389,7 +499,7 @@ def model_cache_pvc(name: str, namespace: str, spec: Spec) -> Manifest | None:
 def hpa(name: str, namespace: str, spec: Spec) -> Manifest | None:
     """An HPA on the ModelDeployment's scale subresource, so replicas have one owner."""
     scaling = spec.get("autoscaling")
-    if scaling is None:
+    if scaling is None or "keda" in scaling:
         return None
     return {
         "apiVersion": "autoscaling/v2",
@@ -430,24 +540,244 @@ def pdb(name: str, namespace: str, spec: Spec) -> Manifest:
     }
 
 
+def load_query(name: str, namespace: str) -> str:
+    """PromQL: the model's queued plus running requests, over the Service's scraped pods."""
+    where = f'namespace="{namespace}",service="{name}"'
+    return (
+        f"sum(radixserve_num_queue_reqs{{{where}}}) + sum(radixserve_num_running_reqs{{{where}}})"
+    )
+
+
+def scaled_object(name: str, namespace: str, spec: Spec) -> Manifest | None:
+    """A KEDA ScaledObject on the ModelDeployment's scale subresource (replaces the HPA).
+
+    KEDA drives an HPA of its own between 1 and maxReplicas on the load per replica, and
+    itself takes the replicas between 0 and 1: to zero once the load stayed at or below the
+    activation threshold for the cooldown, back to one when it rises above it.
+    """
+    scaling = spec.get("autoscaling")
+    if scaling is None or "keda" not in scaling:
+        return None
+    keda = scaling["keda"]
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels(name)},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": name},
+            "minReplicaCount": scaling["minReplicas"],
+            "maxReplicaCount": scaling["maxReplicas"],
+            "pollingInterval": keda["pollingIntervalSeconds"],
+            "cooldownPeriod": keda["cooldownSeconds"],
+            "triggers": [
+                {
+                    "type": "prometheus",
+                    "metricType": "AverageValue",
+                    "metadata": {
+                        "serverAddress": keda["prometheusAddress"],
+                        "query": keda.get("query") or load_query(name, namespace),
+                        "threshold": scaling["targetAverageValue"],
+                        "activationThreshold": keda["activationThreshold"],
+                        # No pods, no series: read as no load rather than an error.
+                        "ignoreNullValues": "true",
+                    },
+                }
+            ],
+        },
+    }
+
+
+def picker_name(name: str) -> str:
+    return f"{name}-epp"
+
+
+def runs_picker(spec: Spec) -> bool:
+    pool = spec.get("inferencePool")
+    return pool is not None and "endpointPickerRef" not in pool
+
+
 def inference_pool(name: str, namespace: str, spec: Spec) -> Manifest | None:
     pool = spec.get("inferencePool")
     if pool is None:
         return None
-    picker = pool["endpointPickerRef"]
+    if runs_picker(spec):
+        picker_ref = {
+            "name": picker_name(name),
+            "port": PICKER_GRPC_PORT,
+            "failureMode": pool["picker"]["failureMode"],
+        }
+    else:
+        picker_ref = pool["endpointPickerRef"]
     return {
         "apiVersion": "inference.networking.k8s.io/v1",
         "kind": "InferencePool",
         "metadata": {"name": name, "namespace": namespace, "labels": labels(name)},
         "spec": {
-            "selector": {"matchLabels": selector(name)},
+            "selector": {"matchLabels": serving_selector(name, spec)},
             "targetPorts": [{"number": SERVER_PORT}],
             "endpointPickerRef": {
                 "kind": "Service",
-                "name": picker["name"],
-                "port": {"number": picker["port"]},
-                "failureMode": picker["failureMode"],
+                "name": picker_ref["name"],
+                "port": {"number": picker_ref["port"]},
+                "failureMode": picker_ref["failureMode"],
             },
+        },
+    }
+
+
+def _picker_pod_labels(name: str) -> dict[str, str]:
+    """Not the serving pods' `app.kubernetes.io/name`: the model's Service, pool, PDB and
+    Deployment select on that, and must never pick the picker."""
+    return {
+        "app.kubernetes.io/name": "radixserve-endpoint-picker",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/managed-by": "radixserve-operator",
+    }
+
+
+# What the picker reads: the pool, the serving pods it scores, and objectives naming
+# per-request priorities (inference.networking.x-k8s.io).
+PICKER_RULES = [
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+    {
+        "apiGroups": ["inference.networking.k8s.io"],
+        "resources": ["inferencepools"],
+        "verbs": ["get", "list", "watch"],
+    },
+    {
+        "apiGroups": ["inference.networking.x-k8s.io"],
+        "resources": ["inferenceobjectives"],
+        "verbs": ["get", "list", "watch"],
+    },
+]
+
+
+def picker_objects(name: str, namespace: str, spec: Spec) -> list[Manifest]:
+    """The endpoint picker the pool names: ServiceAccount, Role and binding, Deployment,
+    Service. It runs with the picker's own default metric names (PICKER_METRICS)."""
+    if not runs_picker(spec):
+        return []
+    picker = spec["inferencePool"]["picker"]
+    epp = picker_name(name)
+
+    def meta(kind_name: str = epp) -> dict[str, Any]:
+        return {"name": kind_name, "namespace": namespace, "labels": labels(name)}
+
+    args = ["--pool-name", name, "--pool-namespace", namespace, "--zap-encoder", "json"]
+    args += ["--grpc-port", str(PICKER_GRPC_PORT)]
+    args += ["--grpc-health-port", str(PICKER_HEALTH_PORT)]
+    args += ["--metrics-port", str(PICKER_METRICS_PORT)]
+    health = {"grpc": {"port": PICKER_HEALTH_PORT, "service": "inference-extension"}}
+    container = {
+        "name": "epp",
+        "image": picker["image"],
+        "imagePullPolicy": "IfNotPresent",
+        "args": args + list(picker.get("extraArgs", [])),
+        "ports": [
+            {"name": "grpc", "containerPort": PICKER_GRPC_PORT, "protocol": "TCP"},
+            {"name": "grpc-health", "containerPort": PICKER_HEALTH_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": PICKER_METRICS_PORT, "protocol": "TCP"},
+        ],
+        "readinessProbe": {**health, "periodSeconds": 5},
+        "livenessProbe": {**health, "periodSeconds": 10, "failureThreshold": 6},
+        "securityContext": _security_context(),
+    }
+    pod_labels_ = _picker_pod_labels(name)
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta()},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": meta(),
+            "rules": PICKER_RULES,
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": meta(),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": epp},
+            "subjects": [{"kind": "ServiceAccount", "name": epp, "namespace": namespace}],
+        },
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": meta(),
+            "spec": {
+                "replicas": picker["replicas"],
+                "selector": {"matchLabels": pod_labels_},
+                "template": {
+                    "metadata": {"labels": pod_labels_},
+                    "spec": {
+                        "serviceAccountName": epp,
+                        "securityContext": {
+                            "runAsNonRoot": True,
+                            "runAsUser": UID,
+                            "runAsGroup": UID,
+                            "seccompProfile": {"type": "RuntimeDefault"},
+                        },
+                        "containers": [container],
+                    },
+                },
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": meta(),
+            "spec": {
+                "type": "ClusterIP",
+                "selector": pod_labels_,
+                "ports": [
+                    {
+                        "name": "grpc-ext-proc",
+                        "port": PICKER_GRPC_PORT,
+                        "targetPort": "grpc",
+                        "protocol": "TCP",
+                        "appProtocol": "http2",
+                    },
+                    {
+                        "name": "http-metrics",
+                        "port": PICKER_METRICS_PORT,
+                        "targetPort": "metrics",
+                        "protocol": "TCP",
+                    },
+                ],
+            },
+        },
+    ]
+
+
+def http_route(name: str, namespace: str, spec: Spec) -> Manifest | None:
+    """Route a Gateway's requests to the InferencePool (the picker chooses the pod)."""
+    gateway = (spec.get("inferencePool") or {}).get("gateway")
+    if gateway is None:
+        return None
+    parent: dict[str, Any] = {
+        "group": "gateway.networking.k8s.io",
+        "kind": "Gateway",
+        "name": gateway["name"],
+    }
+    for field in ("namespace", "sectionName"):
+        if gateway.get(field):
+            parent[field] = gateway[field]
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels(name)},
+        "spec": {
+            "parentRefs": [parent],
+            "rules": [
+                {
+                    "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+                    "backendRefs": [
+                        {
+                            "group": "inference.networking.k8s.io",
+                            "kind": "InferencePool",
+                            "name": name,
+                        }
+                    ],
+                }
+            ],
         },
     }
 
@@ -457,9 +787,13 @@ def children(name: str, namespace: str, spec: Spec) -> list[Manifest]:
     built = [
         model_cache_pvc(name, namespace, spec),
         deployment(name, namespace, spec),
+        leader_worker_set(name, namespace, spec),
         service(name, namespace, spec),
         pdb(name, namespace, spec),
         hpa(name, namespace, spec),
+        scaled_object(name, namespace, spec),
+        *picker_objects(name, namespace, spec),
         inference_pool(name, namespace, spec),
+        http_route(name, namespace, spec),
     ]
     return [manifest for manifest in built if manifest is not None]

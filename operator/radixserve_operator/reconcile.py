@@ -18,20 +18,72 @@ from typing import Any
 import kopf
 
 from . import GROUP, KIND, VERSION, manifests, status
+from . import adapters as adapters_
 from . import spec as specs
 from .kube import ApiError, KubeClient, object_path
 from .probe import probe_model
 
-OPTIONAL_CHILDREN = (
-    ("v1", "PersistentVolumeClaim", manifests.model_cache_pvc, manifests.model_cache_claim_name),
-    ("autoscaling/v2", "HorizontalPodAutoscaler", manifests.hpa, lambda name: name),
-    (
-        "inference.networking.k8s.io/v1",
-        "InferencePool",
-        manifests.inference_pool,
-        lambda name: name,
+
+def possible_children(name: str) -> list[list[tuple[str, str, str]]]:
+    """(apiVersion, kind, name) of every child a spec may or may not ask for, in groups
+    that come and go together, the first of each group standing for it: those the current
+    spec does not ask for are deleted (e.g. autoscaling removed)."""
+    epp = manifests.picker_name(name)
+    return [
+        [("v1", "PersistentVolumeClaim", manifests.model_cache_claim_name(name))],
+        [("apps/v1", "Deployment", name)],
+        [("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet", name)],
+        [("autoscaling/v2", "HorizontalPodAutoscaler", name)],
+        [("keda.sh/v1alpha1", "ScaledObject", name)],
+        [
+            ("apps/v1", "Deployment", epp),
+            ("v1", "Service", epp),
+            ("rbac.authorization.k8s.io/v1", "RoleBinding", epp),
+            ("rbac.authorization.k8s.io/v1", "Role", epp),
+            ("v1", "ServiceAccount", epp),
+        ],
+        [("inference.networking.k8s.io/v1", "InferencePool", name)],
+        [("gateway.networking.k8s.io/v1", "HTTPRoute", name)],
+    ]
+
+
+# Kinds a cluster serves only once their project is installed: their apiVersion, the
+# field that asks for each, and what to install.
+OPTIONAL_APIS = {
+    "LeaderWorkerSet": (
+        "leaderworkerset.x-k8s.io/v1",
+        "parallelism.nodes above 1",
+        "LeaderWorkerSet",
     ),
-)
+    "InferencePool": (
+        "inference.networking.k8s.io/v1",
+        "inferencePool",
+        "the Gateway API Inference Extension's CRDs",
+    ),
+    "HTTPRoute": (
+        "gateway.networking.k8s.io/v1",
+        "inferencePool.gateway",
+        "the Gateway API's CRDs",
+    ),
+    "ScaledObject": ("keda.sh/v1alpha1", "autoscaling.keda", "KEDA"),
+}
+
+
+def needed_apis(child: dict[str, Any], name: str) -> set[str]:
+    """The optional kinds a child is useless without: the picker and the route serve only
+    the pool, so they go (or stay out) with it."""
+    kind = child["kind"]
+    needs = {kind} & OPTIONAL_APIS.keys()
+    if kind == "HTTPRoute" or child["metadata"]["name"] == manifests.picker_name(name):
+        needs.add("InferencePool")
+    return needs
+
+
+def skipped_message(kind: str) -> str:
+    api_version, field_name, install = OPTIONAL_APIS[kind]
+    return (
+        f"{field_name}: skipped, the {kind} API ({api_version}) is not installed; install {install}"
+    )
 
 
 # What differs between a live object and the same object re-applied without any change:
@@ -73,6 +125,7 @@ def pvc_immutable_change(live: dict[str, Any], desired: dict[str, Any]) -> str |
     return None
 
 
+WORKLOADS = ("Deployment", "LeaderWorkerSet")
 PROBE_DISABLED = status.Probe(True, "ProbeDisabled", "model probing is off; trusting pod readiness")
 
 
@@ -85,7 +138,22 @@ class Reconciler:
     kube: KubeClient
     probe_models: bool = True
     probe_timeout: float = 5.0
+    # Where the operator reaches each pod's server for adapter loads (tests move it).
+    pod_port: int = manifests.SERVER_PORT
+    adapter_timeout: float = 300.0
+    # How long a discovery answer (is this CRD installed?) is trusted.
+    discovery_ttl: float = 30.0
     _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+    _served: dict[tuple[str, str], tuple[float, bool]] = field(default_factory=dict)
+
+    async def serves(self, api_version: str, kind: str) -> bool:
+        key = (api_version, kind)
+        now_s = asyncio.get_running_loop().time()
+        cached = self._served.get(key)
+        if cached is None or now_s - cached[0] > self.discovery_ttl:
+            cached = (now_s, await self.kube.serves(api_version, kind))
+            self._served[key] = cached
+        return cached[1]
 
     async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """Server-side apply the manifest, writing only when it would change something.
@@ -147,26 +215,37 @@ class Reconciler:
         name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
         spec = specs.with_defaults(body.get("spec", {}))
         problems = specs.problems(spec, name)
+        previous = body.get("status", {}) or {}
         warnings: list[str] = []
-        deployment: dict[str, Any] | None = None
+        skipped: list[str] = []
+        workload: dict[str, Any] | None = None
         probe: status.Probe | None = None
+        adapters: list[dict[str, str]] | None = None
         failed: list[str] = []
         if problems:
             logger.warning("Invalid spec, nothing applied: %s", "; ".join(problems))
-            deployment = await self.kube.get(object_path("apps/v1", "Deployment", namespace, name))
+            workload = await self._live_workload(name, namespace, spec)
         else:
             warnings, api_key = await self._secret_warnings(namespace, spec)
-            for child in manifests.children(name, namespace, spec):
+            wanted = manifests.children(name, namespace, spec)
+            missing = set()
+            for child in wanted:
+                for kind in needed_apis(child, name) - missing:
+                    if not await self.serves(OPTIONAL_APIS[kind][0], kind):
+                        missing.add(kind)
+                        skipped.append(skipped_message(kind))
+            if "LeaderWorkerSet" in missing:
+                # The model cannot run at all: create nothing rather than half a group.
+                warnings.append(f"{skipped_message('LeaderWorkerSet')}; nothing was created")
+                skipped = []
+                wanted = []
+            for child in wanted:
+                if needed_apis(child, name) & missing:
+                    continue
                 kopf.adopt(child, owner=dict(body))
                 try:
                     applied = await self.apply(child)
                 except ApiError as error:
-                    if child["kind"] == "InferencePool" and error.status == 404:
-                        warnings.append(
-                            "inferencePool: the InferencePool CRD (inference.networking.k8s.io/v1) "
-                            "is not installed; install the Gateway API Inference Extension"
-                        )
-                        continue
                     # One child failing (an immutable field, a refused name) must neither
                     # stop the others nor hide the reason: it goes into the status.
                     failed.append(
@@ -174,14 +253,20 @@ class Reconciler:
                         f"{error.message or error}"
                     )
                     continue
-                if child["kind"] == "Deployment":
-                    deployment = applied
-            await self._delete_unwanted(name, namespace, spec)
-            ready = (deployment or {}).get("status", {}).get("readyReplicas", 0) or 0
+                if child["kind"] in WORKLOADS and child["metadata"]["name"] == name:
+                    workload = applied
+            if wanted:
+                await self._delete_unwanted(name, namespace, wanted)
+            ready = (workload or {}).get("status", {}).get("readyReplicas", 0) or 0
             if self.probe_models and ready > 0:
                 base = manifests.endpoint(name, namespace, spec).removesuffix("/v1")
                 served = manifests.served_model_name(name, spec)
                 probe = await probe_model(base, served, api_key, self.probe_timeout)
+            if workload is not None and (spec.get("adapters") or previous.get("adapters")):
+                adapters, errors = await self._sync_adapters(
+                    name, namespace, spec, previous.get("adapters") or [], api_key
+                )
+                warnings += errors
         seen = status.Observed(
             name=name,
             namespace=namespace,
@@ -189,10 +274,11 @@ class Reconciler:
             spec=spec,
             problems=problems,
             warnings=failed + warnings,
-            deployment=deployment,
+            deployment=status.workload_view(workload),
             probe=probe if self.probe_models else PROBE_DISABLED,
+            skipped=skipped,
+            adapters=adapters,
         )
-        previous = body.get("status", {}) or {}
         new_status = status.build(seen, previous.get("conditions", []), now())
         if {key: previous.get(key) for key in new_status} != new_status:
             # Conditions carry their own lastTransitionTime, so an unchanged status
@@ -205,13 +291,66 @@ class Reconciler:
             raise kopf.TemporaryError("; ".join(failed), delay=10)
         return new_status
 
-    async def _delete_unwanted(self, name: str, namespace: str, spec: specs.Spec) -> None:
-        """Remove optional children the spec stopped asking for (e.g. autoscaling removed)."""
-        for api_version, kind, build, child_name in OPTIONAL_CHILDREN:
-            if build(name, namespace, spec) is not None:
-                continue
-            path = object_path(api_version, kind, namespace, child_name(name))
-            live = await self.kube.get(path)  # None also when the kind is not installed
-            owners = (live or {}).get("metadata", {}).get("ownerReferences", [])
-            if any(ref.get("kind") == KIND and ref.get("name") == name for ref in owners):
-                await self.kube.delete(path)
+    async def _live_workload(
+        self, name: str, namespace: str, spec: specs.Spec
+    ) -> dict[str, Any] | None:
+        if manifests.multi_node(spec):
+            api_version, kind = "leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"
+        else:
+            api_version, kind = "apps/v1", "Deployment"
+        return await self.kube.get(object_path(api_version, kind, namespace, name))
+
+    async def _sync_adapters(
+        self,
+        name: str,
+        namespace: str,
+        spec: specs.Spec,
+        previous: list[dict[str, str]],
+        api_key: str | None,
+    ) -> tuple[list[dict[str, str]], list[str]]:
+        """Load and unload adapters on every ready serving pod; the loaded set is the
+        adapters of the spec that every one of them has."""
+        wanted = list(spec.get("adapters", []))
+        selector = ",".join(f"{k}={v}" for k, v in manifests.serving_selector(name, spec).items())
+        pods = await self.kube.list(object_path("v1", "Pod", namespace), selector)
+        before = {adapter["name"]: adapter["source"] for adapter in previous}
+        results = await asyncio.gather(
+            *(
+                adapters_.sync_pod(
+                    f"http://{ip}:{self.pod_port}",
+                    pod,
+                    wanted,
+                    before,
+                    api_key,
+                    self.adapter_timeout,
+                )
+                for pod, ip in adapters_.ready_pod_ips(pods)
+            )
+        )
+        if not results:
+            return [], []
+        everywhere = set.intersection(*(result.loaded for result in results))
+        loaded = [adapter for adapter in wanted if adapter["name"] in everywhere]
+        errors = [f"adapters: {error}" for result in results for error in result.errors]
+        return loaded, errors
+
+    async def _delete_unwanted(
+        self, name: str, namespace: str, wanted: list[dict[str, Any]]
+    ) -> None:
+        """Remove children the spec stopped asking for (e.g. autoscaling removed).
+
+        One read per group when nothing is to delete (a resync's usual case): a group whose
+        first member is gone is gone, since it is deleted first.
+        """
+        keep = {(child["kind"], child["metadata"]["name"]) for child in wanted}
+        for group in possible_children(name):
+            for index, (api_version, kind, child_name) in enumerate(group):
+                if (kind, child_name) in keep or not await self.serves(api_version, kind):
+                    continue
+                path = object_path(api_version, kind, namespace, child_name)
+                live = await self.kube.get(path)
+                owners = (live or {}).get("metadata", {}).get("ownerReferences", [])
+                if any(ref.get("kind") == KIND and ref.get("name") == name for ref in owners):
+                    await self.kube.delete(path)
+                elif index == 0:
+                    break

@@ -101,15 +101,21 @@ def problems(spec: Spec, name: str | None = None) -> list[str]:
     found: list[str] = name_problems(name) if name is not None else []
     gpus = spec["resources"]["gpus"]
     tp = spec["tensorParallelSize"]
+    nodes = spec["parallelism"]["nodes"]
     if gpus == 0 and tp != 1:
         found.append(
             f"tensorParallelSize is {tp} but resources.gpus is 0: request {tp} GPUs per "
             "replica (resources.gpus) or set tensorParallelSize to 1"
         )
-    elif gpus and tp != gpus:
+    elif gpus == 0 and nodes != 1:
         found.append(
-            f"tensorParallelSize ({tp}) must equal resources.gpus ({gpus}): each replica "
-            "shards the model over all of its GPUs"
+            f"parallelism.nodes is {nodes} but resources.gpus is 0: a replica spreads over "
+            "nodes only with tensor parallelism on GPUs"
+        )
+    elif gpus and tp != gpus * nodes:
+        found.append(
+            f"tensorParallelSize ({tp}) must equal resources.gpus ({gpus}) times "
+            f"parallelism.nodes ({nodes}): each replica shards the model over all of its GPUs"
         )
     sources = [name for name in MODEL_SOURCES if name in spec["model"]]
     if len(sources) > 1:
@@ -122,6 +128,10 @@ def problems(spec: Spec, name: str | None = None) -> list[str]:
         found.append(
             f"autoscaling.minReplicas ({autoscaling['minReplicas']}) exceeds "
             f"autoscaling.maxReplicas ({autoscaling['maxReplicas']})"
+        )
+    if autoscaling and autoscaling["minReplicas"] == 0 and "keda" not in autoscaling:
+        found.append(
+            "autoscaling.minReplicas 0 needs autoscaling.keda: an HPA cannot scale to zero"
         )
     for arg in spec["engine"].get("extraArgs", []):
         flag = arg.split("=", 1)[0]

@@ -8,7 +8,7 @@ reason, message, lastTransitionTime, observedGeneration) so `kubectl wait
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import manifests
@@ -34,6 +34,27 @@ class Observed:
     warnings: list[str]
     deployment: dict[str, Any] | None
     probe: Probe | None
+    # What the spec asked for but the cluster cannot take (an optional CRD missing).
+    skipped: list[str] = field(default_factory=list)
+    # The adapters every ready pod has loaded; None when the operator did not look.
+    adapters: list[dict[str, str]] | None = None
+
+
+def workload_view(workload: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The serving workload as the rules below read a Deployment.
+
+    A LeaderWorkerSet counts groups (a group is ready when all its pods are) and reports
+    Available and Progressing conditions like a Deployment, but no observedGeneration, and
+    a ready group is an available one.
+    """
+    if workload is None or workload.get("kind") != "LeaderWorkerSet":
+        return workload
+    view = {**workload, "metadata": dict(workload.get("metadata", {}))}
+    view["metadata"].pop("generation", None)
+    lws_status = dict(view.get("status", {}))
+    lws_status.setdefault("availableReplicas", lws_status.get("readyReplicas", 0))
+    view["status"] = lws_status
+    return view
 
 
 def _condition(conditions: list[dict[str, Any]], kind: str) -> dict[str, Any] | None:
@@ -90,7 +111,10 @@ def _phase(seen: Observed, ready: int, desired: int) -> tuple[str, str, str]:
     if desired == 0:
         if pending:
             return "Progressing", "RolloutInProgress", f"scaling to zero: {pending}"
-        return "Pending", "Pending", "scaled to zero replicas"
+        scaling = seen.spec.get("autoscaling") or {}
+        if "keda" in scaling:
+            return "ScaledToZero", "ScaledToZero", "scaled to zero by KEDA; load wakes it"
+        return "ScaledToZero", "ScaledToZero", "scaled to zero replicas"
     if ready == 0:
         return "Progressing", "Progressing", f"0/{desired} replicas ready (loading the model)"
     if seen.probe is not None and not seen.probe.ok:
@@ -106,7 +130,10 @@ def _phase(seen: Observed, ready: int, desired: int) -> tuple[str, str, str]:
         message = f"{available}/{desired} replicas available"
         return "Progressing", "RolloutInProgress", f"rollout in progress: {message}"
     served = manifests.served_model_name(seen.name, seen.spec)
-    return "Ready", "Ready", f"{ready}/{desired} replicas ready, serving {served!r}"
+    message = f"{ready}/{desired} replicas ready, serving {served!r}"
+    if seen.skipped:
+        message += f" (skipped: {'; '.join(seen.skipped)})"
+    return "Ready", "Ready", message
 
 
 def _model_ready(seen: Observed, ready: int) -> tuple[str, str, str]:
@@ -130,6 +157,11 @@ def build(seen: Observed, previous: list[dict[str, Any]], now: str) -> dict[str,
         "Progressing": _mirror(seen.deployment, "Progressing"),
         "ModelReady": _model_ready(seen, ready),
         "Ready": ("True" if phase == "Ready" else "False", reason, message),
+        "APIsInstalled": (
+            ("False", "NotInstalled", "; ".join(seen.skipped))
+            if seen.skipped
+            else ("True", "Installed", "every API the spec uses is installed")
+        ),
     }
     conditions = []
     for kind, (status, reason, text) in wanted.items():
@@ -155,6 +187,8 @@ def build(seen: Observed, previous: list[dict[str, Any]], now: str) -> dict[str,
         "servedModelName": manifests.served_model_name(seen.name, seen.spec),
         "conditions": conditions,
     }
+    if seen.adapters is not None:
+        status["adapters"] = seen.adapters
     if seen.generation is not None:
         status["observedGeneration"] = seen.generation
     return status

@@ -40,9 +40,16 @@ def cluster(kmock: kmock_lib.KubernetesEmulator) -> kmock_lib.KubernetesEmulator
         shortnames=["md"],
         subresources=["status", "scale"],
     )
-    kmock.resources["inference.networking.k8s.io/v1/inferencepools"] = kmock_lib.ResourceInfo(
-        kind="InferencePool", singular="inferencepool", namespaced=True, verbs=verbs
-    )
+    optional = {
+        "inference.networking.k8s.io/v1/inferencepools": "InferencePool",
+        "gateway.networking.k8s.io/v1/httproutes": "HTTPRoute",
+        "leaderworkerset.x-k8s.io/v1/leaderworkersets": "LeaderWorkerSet",
+        "keda.sh/v1alpha1/scaledobjects": "ScaledObject",
+    }
+    for resource, kind in optional.items():
+        kmock.resources[resource] = kmock_lib.ResourceInfo(
+            kind=kind, singular=kind.lower(), namespaced=True, verbs=verbs
+        )
     return kmock
 
 

@@ -94,7 +94,26 @@ BROKEN = {
     "pvc without claim": ("model", {"pvc": {"subPath": "x"}}),
     "bad quantity": ("resources", {"requests": {"memory": "lots"}}),
     "unknown phase-like enum": ("engine", {"device": "tpu"}),
+    "adapter without source": ("adapters", [{"name": "sql"}]),
+    "adapter from a relative path": ("adapters", [{"name": "sql", "source": "adapters/sql"}]),
+    "adapter from an hf repo without org": ("adapters", [{"name": "sql", "source": "hf://sql"}]),
+    "adapter name with a slash": ("adapters", [{"name": "a/b", "source": "/models/a"}]),
+    "keda without prometheus": ("autoscaling", {"maxReplicas": 2, "keda": {}}),
+    "picker failure mode": ("inferencePool", {"picker": {"failureMode": "Maybe"}}),
+    "gateway without name": ("inferencePool", {"gateway": {"namespace": "gw"}}),
+    "zero nodes": ("parallelism", {"nodes": 0}),
 }
+
+
+def test_schema_accepts_every_adapter_source() -> None:
+    document = example("cpu-demo.yaml")
+    document["spec"]["adapters"] = [
+        {"name": "cache", "source": "/models/adapters/sql-lora"},
+        {"name": "hub", "source": "hf://org/sql-lora"},
+        {"name": "hub-rev", "source": "hf://org/sql-lora@v2"},
+        {"name": "web", "source": "https://example.com/adapters/sql.tar"},
+    ]
+    assert list(validator().iter_errors(document)) == []
 
 
 @pytest.mark.parametrize("case", BROKEN)
@@ -152,6 +171,13 @@ CROSS_FIELD = {
     "gpus without tp": {"resources": {"gpus": 2}},
     "two model sources": {"model": {"path": "/m", "url": "https://h/m.gguf"}},
     "min above max": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}},
+    "zero replicas without keda": {"autoscaling": {"minReplicas": 0, "maxReplicas": 2}},
+    "nodes without gpus": {"parallelism": {"nodes": 2}},
+    "tp not gpus times nodes": {
+        "resources": {"gpus": 8},
+        "tensorParallelSize": 8,
+        "parallelism": {"nodes": 2},
+    },
     "extra args set the port": {"engine": {"extraArgs": ["--port", "8000"]}},
     "extra args set the drain": {
         "engine": {"extraArgs": ["--log-level", "debug", "--shutdown-timeout=5"]}
@@ -164,7 +190,7 @@ CROSS_FIELD = {
 
 
 def test_cel_rules_are_all_exercised() -> None:
-    assert len(CEL_RULES) == 7
+    assert len(CEL_RULES) == 8
 
 
 @pytest.mark.parametrize("case", CROSS_FIELD)
@@ -179,6 +205,21 @@ def test_cel_and_the_operator_accept_flags_that_only_look_alike() -> None:
     document = named({"engine": {"extraArgs": ["--portal", "x=--port"]}})
     assert cel_accepts(document)
     assert specs.problems(document["spec"]) == []
+
+
+def test_multi_node_and_scale_to_zero_specs_are_accepted() -> None:
+    for spec in (
+        {"resources": {"gpus": 8}, "tensorParallelSize": 16, "parallelism": {"nodes": 2}},
+        {
+            "autoscaling": {
+                "minReplicas": 0,
+                "maxReplicas": 3,
+                "keda": {"prometheusAddress": "http://prometheus.monitoring:9090"},
+            }
+        },
+    ):
+        assert cel_accepts(named(spec)), spec
+        assert specs.problems(named(spec)["spec"]) == [], spec
 
 
 def test_a_shared_cache_or_a_single_replica_may_use_its_access_mode() -> None:

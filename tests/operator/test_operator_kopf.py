@@ -91,6 +91,7 @@ async def test_ready_deployment_and_answering_model_make_it_ready(cluster, opera
         "Progressing": "True",
         "ModelReady": "True",
         "Ready": "True",
+        "APIsInstalled": "True",
     }
     assert conditions["ModelReady"]["reason"] == "Serving"
 
@@ -187,20 +188,29 @@ async def test_deletion_releases_the_finalizer(cluster, operator) -> None:
     assert obj(cluster, DEPLOYMENTS)["metadata"]["ownerReferences"][0]["uid"] == "uid-demo"
 
 
-async def test_missing_inference_pool_crd_degrades_but_still_serves(cluster, operator) -> None:
-    # The Inference Extension's CRDs are not installed: the API server answers 404.
+async def test_missing_inference_pool_crd_skips_the_pool_and_still_serves(
+    cluster, operator
+) -> None:
+    # The Inference Extension's CRDs are not installed: discovery does not list them.
     del cluster.resources["inference.networking.k8s.io/v1/inferencepools"]
-    cluster.objects[MD, NS, "demo"] = model_deployment(
-        inferencePool={"endpointPickerRef": {"name": "epp", "port": 9002}}
-    )
+    cluster["get /health"] << {"status": "ok"}
+    cluster["get /v1/models"] << {"object": "list", "data": [{"id": "demo", "object": "model"}]}
+    cluster.objects[MD, NS, "demo"] = model_deployment(inferencePool={"gateway": {"name": "gw"}})
+    await eventually(lambda: obj(cluster, DEPLOYMENTS))
+    await patch(cluster, f"{DEPLOY_PATH}/demo/status", READY_DEPLOYMENT_STATUS)
 
-    status = await eventually(
-        lambda: (s := obj(cluster, MD).get("status")) and s["phase"] == "Degraded" and s
-    )
+    status = await eventually(lambda: (s := obj(cluster, MD)["status"])["phase"] == "Ready" and s)
+    skipped = next(c for c in status["conditions"] if c["type"] == "APIsInstalled")
+    assert skipped["status"] == "False"
     assert (
-        "InferencePool CRD (inference.networking.k8s.io/v1) is not installed" in (status["message"])
+        "inferencePool: skipped, the InferencePool API (inference.networking.k8s.io/v1)"
+        in (skipped["message"])
     )
-    assert not absent(cluster, DEPLOYMENTS)
+    assert "skipped" in status["message"]
+    # The picker and its RBAC serve only the pool: none of them was created.
+    assert absent(cluster, DEPLOYMENTS, "demo-epp")
+    assert absent(cluster, "v1/serviceaccounts", "demo-epp")
+    assert absent(cluster, "rbac.authorization.k8s.io/v1/roles", "demo-epp")
     assert not absent(cluster, "v1/services")
 
 

@@ -34,12 +34,23 @@ RELEASE, RELEASE_NS = "radixserve", "radixserve-system"
 Call = tuple[str | None, str, str, str]
 """namespace (None: cluster scope), API group, resource[/subresource], RBAC verb."""
 
+# One scenario with three ModelDeployments and every kind of child: each resync makes
+# dozens of calls to an in-process API server on a shared CPU, so allow it time.
+SLOW = 30.0
+
 # Granted, yet no code path here calls them: each needs its reason.
 NOT_CALLED = {
-    ("apps", "deployments", "delete"): "OwnerReferencesPermissionEnforcement",
-    ("", "services", "delete"): "OwnerReferencesPermissionEnforcement",
     ("policy", "poddisruptionbudgets", "delete"): "OwnerReferencesPermissionEnforcement",
     ("radixserve.dev", "modeldeployments/finalizers", "update"): "blockOwnerDeletion",
+    # Kubernetes lets a client grant in a Role only what it holds itself: the endpoint
+    # picker's Role reads pods, pools and objectives.
+    ("", "pods", "get"): "granted to the endpoint picker",
+    ("", "pods", "watch"): "granted to the endpoint picker",
+    ("inference.networking.k8s.io", "inferencepools", "list"): "granted to the endpoint picker",
+    ("inference.networking.k8s.io", "inferencepools", "watch"): "granted to the endpoint picker",
+    ("inference.networking.x-k8s.io", "inferenceobjectives", "get"): "granted to the picker",
+    ("inference.networking.x-k8s.io", "inferenceobjectives", "list"): "granted to the picker",
+    ("inference.networking.x-k8s.io", "inferenceobjectives", "watch"): "granted to the picker",
 }
 
 
@@ -208,6 +219,45 @@ HAND_EDITS = [
         {"spec": {"resources": {"requests": {"storage": "1Gi"}}}},
         lambda o: o["spec"]["resources"]["requests"]["storage"] == "10Gi",
     ),
+    (
+        "gateway.networking.k8s.io/v1/httproutes",
+        "demo",
+        {"spec": {"parentRefs": [{"name": "other"}]}},
+        lambda o: o["spec"]["parentRefs"][0]["name"] == "gw",
+    ),
+    (
+        "v1/serviceaccounts",
+        "demo-epp",
+        {"metadata": {"labels": {"app.kubernetes.io/instance": "x"}}},
+        lambda o: o["metadata"]["labels"]["app.kubernetes.io/instance"] == "demo",
+    ),
+    (
+        "rbac.authorization.k8s.io/v1/roles",
+        "demo-epp",
+        {"rules": []},
+        lambda o: len(o["rules"]) == 3,
+    ),
+    (
+        "rbac.authorization.k8s.io/v1/rolebindings",
+        "demo-epp",
+        {"subjects": []},
+        lambda o: [s["name"] for s in o["subjects"]] == ["demo-epp"],
+    ),
+]
+# A multi-node model scaled by KEDA: the children only that spec asks for.
+MULTI_NODE_EDITS = [
+    (
+        "leaderworkerset.x-k8s.io/v1/leaderworkersets",
+        "multi",
+        {"spec": {"replicas": 5}},
+        lambda o: o["spec"]["replicas"] == 1,
+    ),
+    (
+        "keda.sh/v1alpha1/scaledobjects",
+        "multi",
+        {"spec": {"maxReplicaCount": 9}},
+        lambda o: o["spec"]["maxReplicaCount"] == 2,
+    ),
 ]
 
 
@@ -236,29 +286,49 @@ async def test_every_call_is_granted_and_every_grant_is_called(
         apiKeySecretRef={"name": "demo-key"},
         autoscaling={"minReplicas": 1, "maxReplicas": 4},
         modelCache={"size": "10Gi", "accessMode": "ReadWriteMany"},
-        inferencePool={"endpointPickerRef": {"name": "demo-epp", "port": 9002}},
+        inferencePool={"gateway": {"name": "gw"}},
+        adapters=[{"name": "sql", "source": "hf://org/sql-lora"}],
+    )
+    cluster.objects[MD, NS, "multi"] = model_deployment(
+        "multi",
+        resources={"gpus": 1},
+        tensorParallelSize=2,
+        parallelism={"nodes": 2},
+        autoscaling={
+            "minReplicas": 0,
+            "maxReplicas": 2,
+            "keda": {"prometheusAddress": "http://prometheus:9090"},
+        },
     )
     # An impossible spec: the operator refuses it and kopf posts a warning Event.
     cluster.objects[MD, NS, "broken"] = model_deployment(
         "broken", resources={"gpus": 1}, tensorParallelSize=2
     )
     for resource, name, _, _ in HAND_EDITS:
-        await eventually(lambda r=resource, n=name: obj(cluster, r, n))
+        await eventually(lambda r=resource, n=name: obj(cluster, r, n), timeout=SLOW)
     await patch(cluster, f"{DEPLOY_PATH}/demo/status", READY_DEPLOYMENT_STATUS)
-    await eventually(lambda: obj(cluster, MD)["status"]["phase"] == "Ready")
+    await eventually(lambda: obj(cluster, MD)["status"]["phase"] == "Ready", timeout=SLOW)
 
-    for resource, name, edit, restored in HAND_EDITS:
+    for resource, name, edit, restored in HAND_EDITS + MULTI_NODE_EDITS:
+        await eventually(lambda r=resource, n=name: obj(cluster, r, n), timeout=SLOW)
         await patch(cluster, path_of(resource, name), edit)
-        await eventually(lambda r=resource, n=name, ok=restored: ok(obj(cluster, r, n)))
+        await eventually(
+            lambda r=resource, n=name, ok=restored: ok(obj(cluster, r, n)), timeout=SLOW
+        )
 
     dropped = {"autoscaling": None, "modelCache": None, "inferencePool": None}
     await patch(cluster, f"{MD_PATH}/demo", {"spec": dropped})
     for resource, name, _, _ in HAND_EDITS[3:]:
-        await eventually(lambda r=resource, n=name: absent(cluster, r, n))
+        await eventually(lambda r=resource, n=name: absent(cluster, r, n), timeout=SLOW)
+    await eventually(lambda: absent(cluster, DEPLOYMENTS, "demo-epp"), timeout=SLOW)
+    back = {"parallelism": None, "resources": None, "tensorParallelSize": None, "autoscaling": None}
+    await patch(cluster, f"{MD_PATH}/multi", {"spec": back})
+    for resource, name, _, _ in MULTI_NODE_EDITS:
+        await eventually(lambda r=resource, n=name: absent(cluster, r, n), timeout=SLOW)
     async with cluster.delete(f"{MD_PATH}/demo") as response:
         assert response.status == 200
-    await eventually(lambda: absent(cluster, MD))
-    await eventually(lambda: (NS, "", "events", "create") in api_calls(cluster))
+    await eventually(lambda: absent(cluster, MD), timeout=SLOW)
+    await eventually(lambda: (NS, "", "events", "create") in api_calls(cluster), timeout=SLOW)
 
     calls = api_calls(cluster)
     objects = render(chart, {})

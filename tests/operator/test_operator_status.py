@@ -59,7 +59,7 @@ def observe(dep: dict | None, replicas: int = 1, **kwargs: Any) -> status.Observ
         (deployment(1, 3, "ReplicaSetUpdated"), 3, "Progressing"),
         (deployment(1, 3), 3, "Degraded"),
         (deployment(0, 1, "ProgressDeadlineExceeded"), 1, "Degraded"),
-        (deployment(0, 0), 0, "Pending"),
+        (deployment(0, 0), 0, "ScaledToZero"),
     ],
 )
 def test_phase(dep: dict | None, replicas: int, phase: str) -> None:
