@@ -164,9 +164,10 @@ def test_rbac_covers_what_the_operator_touches(render: Render) -> None:
     ]
     verbs = rules_of(role)
     for kind, plural in PLURALS.items():
-        if kind in ("ModelDeployment", "Secret"):
+        if kind in ("ModelDeployment", "Secret", "Pod"):
             continue
         assert {"get", "create", "patch", "delete"} <= verbs[plural], plural
+    assert "list" in verbs["pods"]  # the ready pods whose adapters the operator loads
     assert {"list", "watch", "patch"} <= verbs["modeldeployments"]
     assert {"patch"} <= verbs["modeldeployments/status"]
     assert verbs["secrets"] == {"get"}  # read only: the API key for the model probe

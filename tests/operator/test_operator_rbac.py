@@ -289,17 +289,6 @@ async def test_every_call_is_granted_and_every_grant_is_called(
         inferencePool={"gateway": {"name": "gw"}},
         adapters=[{"name": "sql", "source": "hf://org/sql-lora"}],
     )
-    cluster.objects[MD, NS, "multi"] = model_deployment(
-        "multi",
-        resources={"gpus": 1},
-        tensorParallelSize=2,
-        parallelism={"nodes": 2},
-        autoscaling={
-            "minReplicas": 0,
-            "maxReplicas": 2,
-            "keda": {"prometheusAddress": "http://prometheus:9090"},
-        },
-    )
     # An impossible spec: the operator refuses it and kopf posts a warning Event.
     cluster.objects[MD, NS, "broken"] = model_deployment(
         "broken", resources={"gpus": 1}, tensorParallelSize=2
@@ -309,7 +298,7 @@ async def test_every_call_is_granted_and_every_grant_is_called(
     await patch(cluster, f"{DEPLOY_PATH}/demo/status", READY_DEPLOYMENT_STATUS)
     await eventually(lambda: obj(cluster, MD)["status"]["phase"] == "Ready", timeout=SLOW)
 
-    for resource, name, edit, restored in HAND_EDITS + MULTI_NODE_EDITS:
+    for resource, name, edit, restored in HAND_EDITS:
         await eventually(lambda r=resource, n=name: obj(cluster, r, n), timeout=SLOW)
         await patch(cluster, path_of(resource, name), edit)
         await eventually(
@@ -321,13 +310,35 @@ async def test_every_call_is_granted_and_every_grant_is_called(
     for resource, name, _, _ in HAND_EDITS[3:]:
         await eventually(lambda r=resource, n=name: absent(cluster, r, n), timeout=SLOW)
     await eventually(lambda: absent(cluster, DEPLOYMENTS, "demo-epp"), timeout=SLOW)
+    async with cluster.delete(f"{MD_PATH}/demo") as response:
+        assert response.status == 200
+    await eventually(lambda: absent(cluster, MD), timeout=SLOW)
+
+    # Then a multi-node model scaled by KEDA, back to one node at the end.
+    multi = model_deployment(
+        "multi",
+        resources={"gpus": 1},
+        tensorParallelSize=2,
+        parallelism={"nodes": 2},
+        autoscaling={
+            "minReplicas": 0,
+            "maxReplicas": 2,
+            "keda": {"prometheusAddress": "http://prometheus:9090"},
+        },
+    )
+    # Through the API, so that the operator's watch sees it arrive.
+    async with cluster.post(MD_PATH, json=multi) as response:
+        assert response.status in (200, 201), await response.text()
+    for resource, name, edit, restored in MULTI_NODE_EDITS:
+        await eventually(lambda r=resource, n=name: obj(cluster, r, n), timeout=SLOW)
+        await patch(cluster, path_of(resource, name), edit)
+        await eventually(
+            lambda r=resource, n=name, ok=restored: ok(obj(cluster, r, n)), timeout=SLOW
+        )
     back = {"parallelism": None, "resources": None, "tensorParallelSize": None, "autoscaling": None}
     await patch(cluster, f"{MD_PATH}/multi", {"spec": back})
     for resource, name, _, _ in MULTI_NODE_EDITS:
         await eventually(lambda r=resource, n=name: absent(cluster, r, n), timeout=SLOW)
-    async with cluster.delete(f"{MD_PATH}/demo") as response:
-        assert response.status == 200
-    await eventually(lambda: absent(cluster, MD), timeout=SLOW)
     await eventually(lambda: (NS, "", "events", "create") in api_calls(cluster), timeout=SLOW)
 
     calls = api_calls(cluster)
