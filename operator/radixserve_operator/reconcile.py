@@ -339,18 +339,29 @@ class Reconciler:
     ) -> None:
         """Remove children the spec stopped asking for (e.g. autoscaling removed).
 
-        One read per group when nothing is to delete (a resync's usual case): a group whose
-        first member is gone is gone, since it is deleted first.
+        One read per group when nothing is to delete (a resync's usual case): the first
+        member stands for its group and is deleted last, so a pass cut short (a cancelled
+        handler) leaves it for the next pass to find.
         """
         keep = {(child["kind"], child["metadata"]["name"]) for child in wanted}
         for group in possible_children(name):
-            for index, (api_version, kind, child_name) in enumerate(group):
-                if (kind, child_name) in keep or not await self.serves(api_version, kind):
-                    continue
-                path = object_path(api_version, kind, namespace, child_name)
-                live = await self.kube.get(path)
-                owners = (live or {}).get("metadata", {}).get("ownerReferences", [])
-                if any(ref.get("kind") == KIND and ref.get("name") == name for ref in owners):
+            first = group[0]
+            if (first[1], first[2]) in keep or not await self.serves(first[0], first[1]):
+                continue
+            if await self._owned(namespace, name, *first) is None:
+                continue
+            for api_version, kind, child_name in [*group[1:], first]:
+                path = await self._owned(namespace, name, api_version, kind, child_name)
+                if path is not None:
                     await self.kube.delete(path)
-                elif index == 0:
-                    break
+
+    async def _owned(
+        self, namespace: str, owner: str, api_version: str, kind: str, name: str
+    ) -> str | None:
+        """The path of a child this ModelDeployment owns, or None when there is none."""
+        path = object_path(api_version, kind, namespace, name)
+        live = await self.kube.get(path)
+        owners = (live or {}).get("metadata", {}).get("ownerReferences", [])
+        if any(ref.get("kind") == KIND and ref.get("name") == owner for ref in owners):
+            return path
+        return None

@@ -419,3 +419,17 @@ async def test_adapters_follow_the_list_on_running_pods(cluster, operator, pod_s
     )
     assert "loading bad from /models/adapters/broken: 400 not a LoRA adapter" in status["message"]
     assert status["adapters"] == [chat]
+
+
+async def test_dropping_the_pool_deletes_the_picker(cluster, operator) -> None:
+    cluster.objects[MD, NS, "demo"] = model_deployment(inferencePool={})
+    picker = await eventually(lambda: obj(cluster, DEPLOYMENTS, "demo-epp"))
+    assert picker["metadata"]["ownerReferences"][0]["uid"] == "uid-demo"
+    assert not absent(cluster, "rbac.authorization.k8s.io/v1/rolebindings", "demo-epp")
+
+    await patch(cluster, f"{MD_PATH}/demo", {"spec": {"inferencePool": None}})
+
+    for resource in (DEPLOYMENTS, "v1/services", "rbac.authorization.k8s.io/v1/roles"):
+        await eventually(lambda r=resource: absent(cluster, r, "demo-epp"))
+    await eventually(lambda: absent(cluster, "inference.networking.k8s.io/v1/inferencepools"))
+    assert not absent(cluster, DEPLOYMENTS)
