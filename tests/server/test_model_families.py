@@ -21,7 +21,7 @@ from radixserve.engine.model_runner import ModelRunner
 from radixserve.engine.sampling_params import SamplingParams
 from radixserve.engine.scheduler import Scheduler
 from radixserve.models.loader import load_tokenizer, resolve_model
-from test_model_correctness import LOGIT_ATOL, greedy, prefill_logits
+from test_model_correctness import LOGIT_ATOL, prefill_logits
 from transformers import AutoConfig, AutoModelForCausalLM
 
 pytestmark = pytest.mark.slow
@@ -115,11 +115,14 @@ def family_dir(path, family: str) -> str:
     return str(path)
 
 
-def reference(path: str):
-    # eager: transformers' SDPA path leaves out the attention soft cap
-    return AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, attn_implementation="eager"
+def reference(path: str, **kw):
+    """transformers' model, eager (its SDPA path leaves out gpt-oss's sinks), generating
+    past eos: the comparisons are of raw greedy tokens (ours run with ignore_eos)."""
+    ref = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager", **kw
     ).eval()
+    ref.generation_config.eos_token_id = None
+    return ref
 
 
 def want(ref, prompts: list[list[int]], n: int = NEW_TOKENS) -> list[list[int]]:
@@ -131,12 +134,34 @@ def want(ref, prompts: list[list[int]], n: int = NEW_TOKENS) -> list[list[int]]:
             x,
             attention_mask=torch.ones_like(x),  # else ids equal to pad_token_id are masked
             max_new_tokens=n,
-            min_new_tokens=n,
             do_sample=False,
             pad_token_id=0,
         )
         out.append(gen[0, len(ids) :].tolist())
     return out
+
+
+def ours(
+    sched: Scheduler, prompts: list[list[int]], n: int = NEW_TOKENS
+) -> tuple[list[list[int]], list[int]]:
+    """Our greedy tokens for prompts submitted together, and each one's cached tokens."""
+    params = SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True)
+    for i, ids in enumerate(prompts):
+        sched.add_request(TokenizedGenerateReq(f"r{i}", ids, params))
+    out: dict[str, list[int]] = {}
+    cached: dict[str, int] = {}
+    while sched.has_work():
+        for o in sched.step():
+            out.setdefault(o.rid, []).extend(o.new_token_ids)
+            if o.finish_reason:
+                cached[o.rid] = o.cached_tokens
+    rids = [f"r{i}" for i in range(len(prompts))]
+    return [out[r] for r in rids], [cached[r] for r in rids]
+
+
+def scheduler(path: str, **flags) -> Scheduler:
+    args = ServerArgs(model_path=path, **flags, **COMMON)
+    return Scheduler(args, ModelRunner(args), tokenizer=None, eos_ids=[])
 
 
 def prompt(seed: int, n: int) -> list[int]:
@@ -157,40 +182,26 @@ def family(request, tmp_path_factory):
 
 def test_logits_and_greedy_tokens_match_transformers(family):
     _, path, ref, _ = family
-    runner = ModelRunner(ServerArgs(model_path=path, **COMMON))
+    sched = scheduler(path)
     ids = PROMPTS[2]
-    ours = prefill_logits(runner, ids)
+    logits = prefill_logits(sched.runner, ids)
     with torch.no_grad():
         theirs = ref(torch.tensor([ids])).logits[0].float()
-    assert (ours - theirs).abs().max().item() < LOGIT_ATOL
-    assert greedy(runner, ids, 32) == want(ref, [ids], 32)[0]
+    assert (logits - theirs).abs().max().item() < LOGIT_ATOL
+    assert ours(sched, [ids], 32)[0] == want(ref, [ids], 32)
 
 
-def test_batched_chunked_and_prefix_cached_match_transformers(family):
+@pytest.mark.parametrize("speculative", [None, "NGRAM"])
+def test_batched_chunked_and_prefix_cached_match_transformers(family, speculative):
+    """Also with n-gram speculation, whose verification extends each decoding request by
+    several tokens in one step (windowed masks over a prefix, as a chunk's)."""
     _, path, _, expected = family
-    args = ServerArgs(model_path=path, chunked_prefill_size=16, **COMMON)
-    runner = ModelRunner(args)
-    eos = runner.config.eos_token_id
-    sched = Scheduler(args, runner, tokenizer=None, eos_ids=[eos] if eos is not None else [])
-    # min_new_tokens masks eos as transformers' min_new_tokens does
-    params = SamplingParams(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, temperature=0)
-
-    def run(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
-        for i, ids in enumerate(prompts):
-            sched.add_request(TokenizedGenerateReq(f"r{i}", ids, params))
-        out: dict[str, list[int]] = {}
-        cached: dict[str, int] = {}
-        while sched.has_work():
-            for o in sched.step():
-                out.setdefault(o.rid, []).extend(o.new_token_ids)
-                if o.finish_reason:
-                    cached[o.rid] = o.cached_tokens
-        rids = [f"r{i}" for i in range(len(prompts))]
-        return [out[r] for r in rids], [cached[r] for r in rids]
-
-    tokens, _ = run(PROMPTS)  # four together, the long ones in chunks of 16
+    sched = scheduler(path, chunked_prefill_size=16, speculative_algorithm=speculative)
+    tokens, _ = ours(sched, PROMPTS)  # four together, the long ones in chunks of 16
     assert tokens == expected[: len(PROMPTS)]
-    tokens, cached = run([EXTENDED])
+    if speculative:
+        assert sched.stats.spec_rounds > 0  # drafts were verified, not just switched on
+    tokens, cached = ours(sched, [EXTENDED])
     assert cached[0] >= len(PROMPTS[0])  # the prefix really came from the cache
     assert tokens == expected[len(PROMPTS) :]
 
@@ -198,7 +209,7 @@ def test_batched_chunked_and_prefix_cached_match_transformers(family):
 def test_two_tensor_parallel_ranks_match_transformers(family):
     _, path, _, expected = family
     with Engine(path, tp_size=2, **COMMON) as engine:
-        sampling = {"temperature": 0.0, "max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS}
+        sampling = {"temperature": 0.0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True}
         out = engine.generate(input_ids=PROMPTS, sampling_params=sampling)
     assert [r["output_ids"] for r in out] == expected[: len(PROMPTS)]
 
@@ -299,12 +310,10 @@ def tiny_qwen3_moe_gguf(path) -> str:
 def test_moe_experts_from_gguf_match_transformers(tmp_path):
     """Qwen3-MoE from a GGUF (stacked expert tensors, through transformers' GGUF reader)."""
     gguf = tiny_qwen3_moe_gguf(tmp_path)
-    ref = AutoModelForCausalLM.from_pretrained(
-        str(tmp_path), gguf_file=os.path.basename(gguf), dtype=torch.float32
-    ).eval()
-    runner = ModelRunner(ServerArgs(model_path=gguf, **COMMON))
+    ref = reference(str(tmp_path), gguf_file=os.path.basename(gguf))
+    sched = scheduler(gguf)
     ids = PROMPTS[2]
     with torch.no_grad():
         theirs = ref(torch.tensor([ids])).logits[0]
-    assert (prefill_logits(runner, ids) - theirs).abs().max().item() < LOGIT_ATOL
-    assert greedy(runner, ids, 16) == want(ref, [ids], 16)[0]
+    assert (prefill_logits(sched.runner, ids) - theirs).abs().max().item() < LOGIT_ATOL
+    assert ours(sched, [ids], 16)[0] == want(ref, [ids], 16)
