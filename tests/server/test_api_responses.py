@@ -239,6 +239,9 @@ def test_errors(client, model, api_server):
     assert e.value.body["param"] == "input[0].type"
     with pytest.raises(openai.BadRequestError):
         client.responses.create(model=model, input="hi", tools=[{"type": "web_search"}])
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=model, input=[])  # no conversation at all
+    assert e.value.body["param"] == "input"
     with pytest.raises(openai.BadRequestError):
         done = client.responses.create(model=model, input="hi", max_output_tokens=4)
         client.responses.cancel(done.id)

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat
 
 from radixserve.api.errors import APIError, anthropic_error_body, bad_request
-from radixserve.api.openai.chat import ToolMode, chat_job
+from radixserve.api.openai.chat import ToolMode, chat_job, chat_request
 from radixserve.api.openai.common import open_generation
 from radixserve.api.protocol import MAX_MESSAGES, ChatCompletionRequest
 from radixserve.api.segments import Call, Close, Delta, Op, Open, Segments, whole
@@ -196,7 +196,8 @@ def as_chat(req: CountTokensRequest) -> ChatCompletionRequest:
             top_k=req.top_k,
             response_format=_response_format(req.output_config),
         )
-    return ChatCompletionRequest(
+    return chat_request(
+        "messages",
         messages=_chat_messages(req),
         model=req.model,
         tools=tools,

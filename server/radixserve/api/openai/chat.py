@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from fastapi import APIRouter, Request
+from pydantic import ValidationError
 
 from radixserve.api.errors import APIError, bad_request
 from radixserve.api.openai.common import (
@@ -85,6 +86,17 @@ def _chat_messages(req: ChatCompletionRequest) -> list[dict]:
             d["content"] = "\n".join(texts)
         messages.append(d)
     return messages
+
+
+def chat_request(param: str, **fields) -> ChatCompletionRequest:
+    """The chat request another API's request translates to; what the chat request's
+    checks refuse (no messages, a field out of range) is a 400 naming `param`."""
+    try:
+        return ChatCompletionRequest(**fields)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise bad_request(f"{param}: {where}: {first['msg']}", param) from e
 
 
 @router.post("/v1/chat/completions")

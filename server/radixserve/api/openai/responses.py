@@ -22,7 +22,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat
 
 from radixserve.api.errors import APIError, bad_request
-from radixserve.api.openai.chat import ToolMode, chat_job
+from radixserve.api.openai.chat import ToolMode, chat_job, chat_request
 from radixserve.api.openai.common import open_generation
 from radixserve.api.protocol import ChatCompletionRequest
 from radixserve.api.segments import Call, Close, Delta, Op, Open, Segments, whole
@@ -167,7 +167,8 @@ def _response_format(text: dict | None) -> dict | None:
 
 def as_chat(req: ResponsesRequest, history: list[dict], rid: str) -> ChatCompletionRequest:
     system = [{"role": "system", "content": req.instructions}] if req.instructions else []
-    return ChatCompletionRequest(
+    return chat_request(
+        "input",
         messages=system + history,
         model=req.model,
         tools=_chat_tools(req.tools),
