@@ -237,7 +237,6 @@ class Reconciler:
             if "LeaderWorkerSet" in missing:
                 # The model cannot run at all: create nothing rather than half a group.
                 warnings.append(f"{skipped_message('LeaderWorkerSet')}; nothing was created")
-                skipped = []
                 wanted = []
             for child in wanted:
                 if needed_apis(child, name) & missing:

@@ -119,6 +119,13 @@ def test_only_labelled_clients_the_scraper_and_the_operator_get_in(render: Rende
     assert not admits(policy, "ml", prometheus, port)  # the label alone is not the scraper
     assert admits(policy, "radixserve-system", operator_pod_labels(objects), port)
     assert not admits(policy, "radixserve-system", {"app": "other"}, port)
+    # The endpoint picker in the model's namespace scores the pods from their /metrics.
+    picker = manifests.picker_objects("demo", "ml", with_defaults({"inferencePool": {}}))
+    (picker_pods,) = [
+        m["spec"]["template"]["metadata"]["labels"] for m in picker if m["kind"] == "Deployment"
+    ]
+    assert admits(policy, "ml", picker_pods, port)
+    assert not admits(policy, "other", picker_pods, port)
 
 
 def test_selectors_follow_the_values(render: Render) -> None:
@@ -151,7 +158,7 @@ def test_selectors_follow_the_values(render: Render) -> None:
     assert not admits(policy, "monitoring", {"app.kubernetes.io/name": "prometheus"}, port)
     assert not admits(policy, "radixserve-system", operator_pod_labels(objects), port)
     assert admits(policy, "edge", {"app": "envoy"}, port, {"gateway": "true"})  # extraFrom
-    assert len(policy["spec"]["ingress"][0]["from"]) == 2
+    assert len(policy["spec"]["ingress"][0]["from"]) == 3  # clients, the picker, extraFrom
 
 
 def test_a_label_added_to_the_default_is_required_too(render: Render) -> None:

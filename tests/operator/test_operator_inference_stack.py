@@ -261,6 +261,8 @@ async def test_without_leader_worker_set_nothing_is_created(cluster, operator) -
         in (status["message"])
     )
     assert "nothing was created" in status["message"]
+    apis = next(c for c in status["conditions"] if c["type"] == "APIsInstalled")
+    assert apis["status"] == "False" and "LeaderWorkerSet" in apis["message"]
     for resource in (DEPLOYMENTS, "v1/services", "policy/v1/poddisruptionbudgets"):
         assert absent(cluster, resource)
 
