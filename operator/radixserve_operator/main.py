@@ -8,7 +8,7 @@ import os
 
 import kopf
 
-from . import handlers
+from . import handlers, manifests
 from .kube import KubeClient
 from .reconcile import Reconciler
 
@@ -43,6 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(when a NetworkPolicy keeps the operator out)",
     )
     parser.add_argument(
+        "--endpoint-picker-image",
+        default=env("RADIXSERVE_OPERATOR_ENDPOINT_PICKER_IMAGE", manifests.DEFAULT_PICKER_IMAGE),
+        help="image of the endpoint picker run for spec.inferencePool when the spec names none",
+    )
+    parser.add_argument(
         "--liveness",
         default=env("RADIXSERVE_OPERATOR_LIVENESS", "http://0.0.0.0:8080/healthz"),
         help="kopf's liveness endpoint",
@@ -64,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         kube=KubeClient.from_kubeconfig(),
         probe_models=not args.no_probe_models,
         probe_timeout=args.probe_timeout,
+        picker_image=args.endpoint_picker_image,
     )
     handlers.register(registry, reconciler, resync_seconds=args.resync_seconds)
     kopf.run(

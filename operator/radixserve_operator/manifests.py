@@ -47,6 +47,8 @@ PICKER_METRICS = {
     "cache config (block_size, num_gpu_blocks)": "vllm:cache_config_info",
     "LoRA adapters (max_lora, running/waiting_lora_adapters)": "vllm:lora_requests_info",
 }
+# The endpoint picker's image when neither the spec nor the operator's setting names one.
+DEFAULT_PICKER_IMAGE = "registry.k8s.io/gateway-api-inference-extension/epp:v1.0.0"
 PICKER_GRPC_PORT = 9002
 PICKER_HEALTH_PORT = 9003
 PICKER_METRICS_PORT = 9090
@@ -670,7 +672,7 @@ def picker_objects(name: str, namespace: str, spec: Spec) -> list[Manifest]:
     health = {"grpc": {"port": PICKER_HEALTH_PORT, "service": "inference-extension"}}
     container = {
         "name": "epp",
-        "image": picker["image"],
+        "image": picker.get("image") or DEFAULT_PICKER_IMAGE,
         "imagePullPolicy": "IfNotPresent",
         "args": args + list(picker.get("extraArgs", [])),
         "ports": [

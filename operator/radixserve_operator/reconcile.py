@@ -141,6 +141,8 @@ class Reconciler:
     # Where the operator reaches each pod's server for adapter loads (tests move it).
     pod_port: int = manifests.SERVER_PORT
     adapter_timeout: float = 300.0
+    # The endpoint picker's image for specs that name none (the chart's value).
+    picker_image: str = manifests.DEFAULT_PICKER_IMAGE
     # How long a discovery answer (is this CRD installed?) is trusted.
     discovery_ttl: float = 30.0
     _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
@@ -214,6 +216,8 @@ class Reconciler:
     async def _reconcile(self, body: Any, logger: Any) -> dict[str, Any]:
         name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
         spec = specs.with_defaults(body.get("spec", {}))
+        if "inferencePool" in spec:
+            spec["inferencePool"]["picker"].setdefault("image", self.picker_image)
         problems = specs.problems(spec, name)
         previous = body.get("status", {}) or {}
         warnings: list[str] = []

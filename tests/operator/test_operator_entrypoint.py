@@ -25,6 +25,9 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     assert args.resync_seconds == 12.5
     monkeypatch.delenv("RADIXSERVE_OPERATOR_NAMESPACES")
     assert main.parse_args([]).namespace == []  # all namespaces
+    assert main.parse_args([]).endpoint_picker_image == manifests.DEFAULT_PICKER_IMAGE
+    monkeypatch.setenv("RADIXSERVE_OPERATOR_ENDPOINT_PICKER_IMAGE", "mirror.local/epp:v1.0.0")
+    assert main.parse_args([]).endpoint_picker_image == "mirror.local/epp:v1.0.0"
 
 
 async def test_client_from_kubeconfig_authenticates_its_requests(

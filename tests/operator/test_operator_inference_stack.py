@@ -163,6 +163,16 @@ def test_the_pool_names_the_picker_the_operator_runs() -> None:
     assert route["rules"][0]["backendRefs"][0]["kind"] == "InferencePool"
 
 
+def test_the_picker_image_is_the_specs_or_the_default() -> None:
+    def image(raw: dict[str, Any]) -> str:
+        return build(raw)["Deployment/demo-epp"]["spec"]["template"]["spec"]["containers"][0][
+            "image"
+        ]
+
+    assert image(PICKER) == manifests.DEFAULT_PICKER_IMAGE
+    assert image({"inferencePool": {"picker": {"image": "epp:v1.1.0"}}}) == "epp:v1.1.0"
+
+
 def test_a_picker_of_your_own_means_none_is_created() -> None:
     ref = {"name": "shared-epp", "port": 9002, "failureMode": "FailOpen"}
     children = build({"inferencePool": {"endpointPickerRef": ref}})
@@ -424,9 +434,11 @@ async def test_adapters_follow_the_list_on_running_pods(cluster, operator, pod_s
 
 
 async def test_dropping_the_pool_deletes_the_picker(cluster, operator) -> None:
+    operator.picker_image = "mirror.local/epp:v1.0.0"  # the chart's operator.endpointPickerImage
     cluster.objects[MD, NS, "demo"] = model_deployment(inferencePool={})
     picker = await eventually(lambda: obj(cluster, DEPLOYMENTS, "demo-epp"))
     assert picker["metadata"]["ownerReferences"][0]["uid"] == "uid-demo"
+    assert picker["spec"]["template"]["spec"]["containers"][0]["image"] == operator.picker_image
     assert not absent(cluster, "rbac.authorization.k8s.io/v1/rolebindings", "demo-epp")
 
     await patch(cluster, f"{MD_PATH}/demo", {"spec": {"inferencePool": None}})
