@@ -317,3 +317,26 @@ def test_moe_experts_from_gguf_match_transformers(tmp_path):
         theirs = ref(torch.tensor([ids])).logits[0]
     assert (prefill_logits(sched.runner, ids) - theirs).abs().max().item() < LOGIT_ATOL
     assert ours(sched, [ids], 16)[0] == want(ref, [ids], 16)
+
+
+def test_gemma_chat_template_turns():
+    """The template filled in for Gemma GGUFs: a system message goes into the first user
+    turn, the assistant speaks as "model", every turn ends with <end_of_turn>."""
+    from radixserve.models.gemma3 import CHAT_TEMPLATE
+
+    tok = load_tokenizer(resolve_model(None))
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi "},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Capital of France?"},
+    ]
+    text = tok.apply_chat_template(
+        messages, chat_template=CHAT_TEMPLATE, add_generation_prompt=True, tokenize=False
+    )
+    assert text == (
+        f"{tok.bos_token}<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
+        "<start_of_turn>model\nHello.<end_of_turn>\n"
+        "<start_of_turn>user\nCapital of France?<end_of_turn>\n"
+        "<start_of_turn>model\n"
+    )
