@@ -21,6 +21,7 @@ from radixserve.engine.model_runner import ModelRunner
 from radixserve.engine.sampling_params import SamplingParams
 from radixserve.engine.scheduler import Scheduler
 from radixserve.models.loader import load_tokenizer, resolve_model
+from test_gpu_paths import fake_flashinfer  # noqa: F401 (a fixture)
 from test_model_correctness import LOGIT_ATOL, prefill_logits
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -340,3 +341,28 @@ def test_gemma_chat_template_turns():
         "<start_of_turn>user\nCapital of France?<end_of_turn>\n"
         "<start_of_turn>model\n"
     )
+
+
+@pytest.mark.usefixtures("fake_flashinfer")
+def test_windowed_models_refuse_flashinfer(tmp_path):
+    """FlashInfer's wrappers here take no window or sinks: asking for them is refused with
+    the reason (auto takes the torch backend for such models)."""
+    path = family_dir(tmp_path / "gemma3", "gemma3")
+    with pytest.raises(ValueError, match="needs a sliding window.*--attention-backend torch"):
+        ModelRunner(ServerArgs(model_path=path, attention_backend="flashinfer", **COMMON))
+
+
+def test_moe_models_decode_without_cuda_graphs():
+    """The grouped experts sync on the host, which a captured graph cannot replay."""
+    from types import SimpleNamespace
+
+    from radixserve.models.moe import MixtralForCausalLM, Qwen3MoeForCausalLM
+    from radixserve.models.phi3 import Phi3ForCausalLM
+
+    runner = SimpleNamespace(
+        device="cuda", args=SimpleNamespace(disable_cuda_graph=False), backend_name="flashinfer"
+    )
+    for cls in (Qwen3MoeForCausalLM, MixtralForCausalLM):
+        runner.model = SimpleNamespace(supports_cuda_graphs=cls.supports_cuda_graphs)
+        assert ModelRunner._init_cuda_graphs(runner) is None
+    assert Phi3ForCausalLM.supports_cuda_graphs

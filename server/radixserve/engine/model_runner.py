@@ -220,6 +220,11 @@ class ModelRunner:
         if self.backend_name != "flashinfer":
             logger.info("CUDA graphs need the flashinfer attention backend: decode runs eagerly")
             return None
+        if not getattr(self.model, "supports_cuda_graphs", True):
+            logger.info(
+                "this model's layers cannot be captured in a CUDA graph: decode runs eagerly"
+            )
+            return None
         from radixserve.engine.cuda_graph_runner import CudaGraphRunner
 
         return CudaGraphRunner(self)

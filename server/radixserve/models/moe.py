@@ -71,6 +71,9 @@ class MoeForCausalLM(LlamaForCausalLM):
     """Shared by the MoE families: what differs is each layer's MLP (`_mlp`)."""
 
     attention: dict = {}  # the family's FamilyAttention options
+    # the grouped experts read each expert's token count on the host (a sync a captured
+    # graph cannot replay); dense families built on this skeleton set it back
+    supports_cuda_graphs = False
 
     def __init__(self, config, backend: AttentionBackend, max_positions: int) -> None:
         nn.Module.__init__(self)

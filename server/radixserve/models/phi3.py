@@ -23,6 +23,8 @@ from radixserve.models.moe import MoeForCausalLM
 class Phi3ForCausalLM(MoeForCausalLM):
     """The shared family skeleton (models/moe.py) with a dense MLP on every layer."""
 
+    supports_cuda_graphs = True
+
     def __init__(self, config, backend, max_positions: int) -> None:
         if config.rope_parameters.get("partial_rotary_factor", 1.0) != 1.0:
             raise ValueError("Phi-3 configs with partial_rotary_factor below 1 are not supported")
