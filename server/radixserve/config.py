@@ -139,6 +139,17 @@ class ServerArgs:
     profile_dir: str | None = _f(
         None, "where /start_profile writes torch profiler traces unless the request names one"
     )
+    # LoRA (docs/lora.md)
+    enable_lora: bool = _f(False, "serve LoRA adapters (implied by --lora-paths)")
+    lora_paths: list[str] | None = _f(
+        None,
+        "adapters loaded at start, NAME=SOURCE each; SOURCE is a PEFT folder, "
+        "hf://org/repo[@revision] or an http(s):// folder URL (env: space-separated)",
+    )
+    max_loras: int = _f(8, "adapters resident in the batch's weight slots at once (LRU beyond)")
+    max_lora_rank: int = _f(
+        64, "largest adapter rank accepted; the slots are sized for it (memory scales with it)"
+    )
 
     def __post_init__(self) -> None:
         self.check()
@@ -162,6 +173,8 @@ class ServerArgs:
             "speculative_ngram_min_match_window_size",
             "speculative_max_batch_size",
             "responses_store_size",
+            "max_loras",
+            "max_lora_rank",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -205,6 +218,22 @@ class ServerArgs:
                 raise ValueError(f"--dist-init-addr: {self.dist_init_addr!r} is not host:port")
         if not 0 < self.port < 65536:
             raise ValueError("--port must be between 1 and 65535")
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        if self.lora_paths:
+            self.enable_lora = True
+            names = [lora_path_pair(p)[0] for p in self.lora_paths]
+            if len(set(names)) < len(names):
+                raise ValueError(f"--lora-paths: a name appears twice in {names}")
+        if self.enable_lora and self.tp_size > 1:
+            raise ValueError("--enable-lora runs with --tp-size 1 only (LoRA is not sharded yet)")
+        if self.enable_lora and self.is_embedding:
+            raise ValueError("--enable-lora serves generation models, not --is-embedding")
+
+    def lora_sources(self) -> dict[str, str]:
+        """--lora-paths as {name: source}."""
+        return dict(lora_path_pair(p) for p in self.lora_paths or [])
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
@@ -219,6 +248,8 @@ class ServerArgs:
                 names.append("--model-path")
             if f.type in ("bool", bool):
                 kw["action"] = argparse.BooleanOptionalAction
+            elif "list" in str(f.type):
+                kw["nargs"] = "+"
             else:
                 kw["type"] = _parse_type(f.type)
             kw["default"] = argparse.SUPPRESS
@@ -244,6 +275,23 @@ class ServerArgs:
         return d
 
 
+def check_lora_name(name: str) -> str:
+    """An adapter name clients put in `model`; ':' would be ambiguous with `base:adapter`."""
+    if not name or any(c in name for c in ":= \t\n"):
+        raise ValueError(
+            f"LoRA adapter name {name!r} must be non-empty, without ':', '=' or spaces"
+        )
+    return name
+
+
+def lora_path_pair(item: str) -> tuple[str, str]:
+    """NAME=SOURCE of --lora-paths as (name, source)."""
+    name, sep, source = item.partition("=")
+    if not sep or not source:
+        raise ValueError(f"--lora-paths: {item!r} is not NAME=SOURCE")
+    return check_lora_name(name), source
+
+
 def flag_name(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
@@ -265,6 +313,8 @@ def _from_env(f: dataclasses.Field, raw: str) -> Any:
         if raw.lower() in ("0", "false", "no", "off", ""):
             return False
         raise ValueError(f"{env}: {raw!r} is not a boolean")
+    if "list" in str(f.type):
+        return raw.split()
     try:
         return _parse_type(f.type)(raw)
     except ValueError as e:

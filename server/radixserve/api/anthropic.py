@@ -212,9 +212,10 @@ def as_chat(req: CountTokensRequest) -> ChatCompletionRequest:
 async def messages(req: MessagesRequest, request: Request):
     state = get_state(request)
     chat = as_chat(req)
-    model = open_generation(state, chat)
+    model, lora = open_generation(state, chat)
     tools = ToolMode.of(state, chat)
     job = await chat_job(state, chat, tools, route="/v1/messages")
+    job.loras = [lora]
     fmt = MessagesFormatter(model, tools, req.stop_sequences or [], len(job.prompts[0]))
     return await serve(request, state, job, fmt)
 

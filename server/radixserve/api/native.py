@@ -116,6 +116,10 @@ async def _job(state: ServerState, req: GenerateRequest) -> tuple[GenerationJob,
     )
     if req.return_logprob:
         job.logprob_start_len = req.logprob_start_len
+    loras = req.lora_path if isinstance(req.lora_path, list) else [req.lora_path] * len(prompts)
+    if len(loras) != len(prompts):
+        raise bad_request("lora_path: need one entry per prompt", "lora_path")
+    job.loras = [state.check_lora(name) for name in loras]
     return job, single and params[0].n == 1
 
 
@@ -172,6 +176,7 @@ async def server_info(request: Request) -> dict:
         "engine": info,
         "engine_pid": state.client.pid,
         "stats": dataclasses.asdict(state.client.stats),
+        "lora_adapters": state.client.lora_adapters if state.args.enable_lora else None,
         "in_flight_requests": state.in_flight,
     }
 

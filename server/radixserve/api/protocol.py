@@ -285,6 +285,7 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=_now)
     owned_by: str = "radixserve"
     root: str | None = None
+    parent: str | None = None  # a LoRA adapter's base model
     max_model_len: int | None = None
 
 
@@ -311,6 +312,16 @@ class GenerateRequest(EngineHints):
     logprob_start_len: int = Field(-1, ge=-1)
     rid: str | None = Field(None, max_length=128)
     timeout: FiniteFloat | None = Field(None, gt=0)  # as SamplingExtras.timeout
+    lora_path: str | list[str | None] | None = None  # adapter name, or one per prompt
+
+
+class LoadLoraRequest(_Strict):
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoraRequest(_Strict):
+    lora_name: str = Field(min_length=1, max_length=256)
 
 
 class TokenizeRequest(_Strict):

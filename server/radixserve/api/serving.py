@@ -110,6 +110,7 @@ class GenerationJob:
     priority: int = 0
     cache_salt: str | None = None
     logprob_start_len: int = -1  # prompt logprobs from this position (-1: none)
+    loras: list[str | None] | None = None  # per prompt: its LoRA adapter (None = base)
 
     @classmethod
     def of(
@@ -174,7 +175,10 @@ async def start_sequences(state: ServerState, job: GenerationJob) -> Sequences:
     prompt_rids = sequence_rids(rid, len(prompts), 1)
 
     async def one(j: int) -> list[AsyncIterator[GenerateChunk]]:
-        return await state.client.generate_n(prompts[j], params[j], n, rid=prompt_rids[j], **kw)
+        lora = job.loras[j] if job.loras else None
+        return await state.client.generate_n(
+            prompts[j], params[j], n, rid=prompt_rids[j], lora_name=lora, **kw
+        )
 
     groups = await asyncio.gather(*(one(j) for j in range(len(prompts))), return_exceptions=True)
     failed = next((g for g in groups if isinstance(g, BaseException)), None)

@@ -130,10 +130,33 @@ class ServerState:
 
     def check_model(self, name: str | None) -> str:
         """The served name; None means 'the one model'. The model's path is accepted too."""
-        if name is None or name in (self.model_name, self.info.model_path):
+        if self._is_base(name):
             return self.model_name
+        raise model_not_found(name)
+
+    def _is_base(self, name: str | None) -> bool:
+        return name is None or name in (self.model_name, self.info.model_path)
+
+    def resolve_model(self, name: str | None) -> tuple[str, str | None]:
+        """(the name answers carry, the LoRA adapter or None for the base model) of a
+        request's `model`: the base, a loaded adapter's name, or `base:adapter` (SGLang's
+        form); anything else is a 404."""
+        adapters = self.client.lora_adapters
+        if self._is_base(name):
+            return self.model_name, None
+        if name in adapters:
+            return name, name
+        base, sep, adapter = name.rpartition(":")
+        if sep and self._is_base(base) and adapter in adapters:
+            return name, adapter
+        raise model_not_found(name)
+
+    def check_lora(self, name: str | None, param: str = "lora_path") -> str | None:
+        """A native request's adapter name: None (base) or a loaded adapter, else 404."""
+        if name is None or name in self.client.lora_adapters:
+            return name
         raise APIError(
-            404, f"The model `{name}` does not exist.", param="model", code="model_not_found"
+            404, f"The LoRA adapter `{name}` is not loaded.", param=param, code="model_not_found"
         )
 
     def check_generation(self) -> None:
@@ -152,6 +175,12 @@ class ServerState:
             text = self.client.tokenizer.decode([token_id])
             self._token_text[token_id] = text
         return text
+
+
+def model_not_found(name: str | None) -> APIError:
+    return APIError(
+        404, f"The model `{name}` does not exist.", param="model", code="model_not_found"
+    )
 
 
 def get_state(request: Request) -> ServerState:

@@ -112,6 +112,8 @@ def _radixserve(
     }
     if request.json_schema is not None:
         payload["sampling_params"]["json_schema"] = request.json_schema
+    if request.model is not None:
+        payload["lora_path"] = request.model
     seen = {"tokens": 0}
 
     def on_event(timer: _Timer, now: float, event: dict[str, Any]) -> None:
@@ -156,7 +158,7 @@ def _openai_payload(
     """The body both OpenAI routes share: greedy, streamed with usage, the prompt given as
     `prompt` or `messages`, and a JSON-schema response_format for constrained requests."""
     payload = {
-        "model": model,
+        "model": request.model or model,
         **prompt,
         "max_tokens": request.output_len,
         "temperature": 0.0,

@@ -32,6 +32,7 @@ class BenchRequest:
     prompt_len: int
     output_len: int
     json_schema: str | None = None  # constrain the answer (the structured-output workload)
+    model: str | None = None  # this request's model instead of the run's (a LoRA adapter)
 
 
 def _package_dir(name: str) -> Path:

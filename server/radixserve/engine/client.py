@@ -36,11 +36,15 @@ from radixserve.engine.io_struct import (
     FinishReason,
     FinishStop,
     FlushCacheReq,
+    LoadLoraReq,
+    LoraReply,
     ReqOutput,
     ShutdownReq,
     TokenizedEmbeddingReq,
     TokenizedGenerateReq,
+    UnloadLoraReq,
 )
+from radixserve.engine.lora import LoraError, resolve_lora_source
 from radixserve.engine.sampling_params import SamplingParams
 from radixserve.engine.tp_worker import local_ranks, start_rank_processes
 
@@ -95,6 +99,7 @@ class EngineClient:
         self.last_heartbeat = 0.0
         self._queues: dict[str, asyncio.Queue] = {}
         self._flush_waiters: list[asyncio.Future] = []
+        self.lora_adapters: dict[str, str] = {}  # name -> source of the usable adapters
         self._tasks: list[asyncio.Task] = []
         self._proc: mp.process.BaseProcess | None = None  # rank 0: scheduler and model
         self._ranks: list[mp.process.BaseProcess] = []  # this node's other tensor-parallel ranks
@@ -147,6 +152,7 @@ class EngineClient:
                     raise EngineError(msg.error)
                 if isinstance(msg, EngineReady):
                     self.info = msg
+                    self.lora_adapters = dict(msg.lora_adapters or {})
                     break
             elif (why := self._exited()) is not None:
                 exited_at = exited_at or time.monotonic()
@@ -299,6 +305,7 @@ class EngineClient:
         priority: int = 0,
         cache_salt: str | None = None,
         logprob_start_len: int = -1,
+        lora_name: str | None = None,
     ) -> AsyncIterator[GenerateChunk]:
         """Chunks of one sequence. Leaving the iterator early aborts it in the engine, and so
         does its `deadline` (time.monotonic()): the sequence then ends here at once with
@@ -330,6 +337,7 @@ class EngineClient:
                     priority,
                     cache_salt,
                     logprob_start_len,
+                    lora_name,
                 )
             )
             while not finished:
@@ -444,6 +452,40 @@ class EngineClient:
         if out.error is not None:
             raise ValueError(out.error)
         return out.embeddings
+
+    async def load_lora(self, name: str, source: str) -> LoraReply:
+        """Fetch the adapter where `source` is remote (in a thread: downloads never stall the
+        engine or this loop), then have the engine load it."""
+        known = self.lora_adapters.get(name)
+        if known is not None:
+            if known == source:
+                return LoraReply("", True, f"adapter {name!r} is already loaded")
+            return LoraReply("", False, f"adapter {name!r} is already loaded from {known!r}", 400)
+        try:
+            folder = await asyncio.to_thread(resolve_lora_source, source)
+        except LoraError as e:
+            return LoraReply("", False, str(e), e.status)
+        return await self._lora_call(LoadLoraReq(uuid.uuid4().hex, name, source, folder))
+
+    async def unload_lora(self, name: str) -> LoraReply:
+        """Answered once the requests already using the adapter finished; new requests for
+        it are refused from now on."""
+        self.lora_adapters.pop(name, None)
+        return await self._lora_call(UnloadLoraReq(uuid.uuid4().hex, name))
+
+    async def _lora_call(self, msg: LoadLoraReq | UnloadLoraReq) -> LoraReply:
+        self.check_alive()
+        q: asyncio.Queue = asyncio.Queue()
+        self._queues[msg.rid] = q
+        try:
+            await self._send.send_pyobj(msg)
+            reply = await q.get()
+        finally:
+            del self._queues[msg.rid]
+        if isinstance(reply, Exception):
+            raise reply
+        self.lora_adapters = dict(reply.adapters)
+        return reply
 
     async def flush_cache(self) -> bool:
         self.check_alive()

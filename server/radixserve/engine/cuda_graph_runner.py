@@ -65,7 +65,12 @@ class CudaGraphRunner:
         logger.info("captured decode CUDA graphs for batch sizes %s", self.batch_sizes)
 
     def can_run(self, batch: ForwardBatch) -> bool:
-        return batch.num_prefill_reqs == 0 and batch.batch_size <= self.max_bs
+        # graphs are captured without adapters: a step that uses one runs eagerly
+        return (
+            batch.num_prefill_reqs == 0
+            and batch.batch_size <= self.max_bs
+            and not any(s >= 0 for s in batch.lora_slots or ())
+        )
 
     def _batch(self, bs: int, prefix_lens: list[int], req_slots: list[torch.Tensor]):
         return ForwardBatch(

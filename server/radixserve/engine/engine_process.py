@@ -25,8 +25,10 @@ from radixserve.engine.io_struct import (
     EngineReady,
     EngineStats,
     FlushCacheReq,
+    LoadLoraReq,
     ShutdownReq,
     TokenizedGenerateReq,
+    UnloadLoraReq,
 )
 from radixserve.models import stop_tokens
 
@@ -108,6 +110,7 @@ class GenerationWorker:
             eos_token_ids=eos,
             quantization=runner.quantization,
             cpu_path=runner.cpu_path.to_dict() if runner.cpu_path else None,
+            lora_adapters=runner.lora.loaded() if runner.lora is not None else None,
         )
 
     @property
@@ -119,6 +122,8 @@ class GenerationWorker:
             self.scheduler.add_request(msg)
         elif isinstance(msg, AbortReq):
             self.scheduler.abort(msg.rid)
+        elif isinstance(msg, LoadLoraReq | UnloadLoraReq):
+            self.scheduler.lora_request(msg)
 
     def flush_cache(self) -> bool:
         return self.scheduler.flush_cache()

@@ -80,11 +80,41 @@ class TokenizedGenerateReq:
     # with return_logprob: the first prompt position whose logprob is returned (SGLang's
     # name); -1 returns only the output's
     logprob_start_len: int = -1
+    lora_name: str | None = None  # the adapter to run under; None = the base model
 
 
 @dataclass
 class AbortReq:
     rid: str
+
+
+@dataclass
+class LoadLoraReq:
+    """Load an adapter from `folder` (the HTTP process resolved `source` to it)."""
+
+    rid: str
+    lora_name: str
+    source: str
+    folder: str
+
+
+@dataclass
+class UnloadLoraReq:
+    """Unload an adapter; answered once the requests using it finished."""
+
+    rid: str
+    lora_name: str
+
+
+@dataclass
+class LoraReply:
+    """The answer to a LoadLoraReq or UnloadLoraReq, routed to the asker by `rid`."""
+
+    rid: str
+    success: bool
+    message: str
+    status_code: int = 200
+    adapters: dict[str, str] = field(default_factory=dict)  # name -> source, after it
 
 
 @dataclass
@@ -148,7 +178,7 @@ class EngineStats:
 class BatchOutput:
     """What the engine loop sends after every step (also idle ones: the heartbeat)."""
 
-    outputs: list[ReqOutput | EmbeddingOutput] = field(default_factory=list)
+    outputs: list[ReqOutput | EmbeddingOutput | LoraReply] = field(default_factory=list)
     stats: EngineStats | None = None
     flushed: bool | None = None  # answer to a FlushCacheReq
 
@@ -170,6 +200,7 @@ class EngineReady:
     embedding: EmbeddingModelInfo | None = None  # set by an embedding engine
     quantization: str = "none"
     cpu_path: dict[str, str] | None = None  # the CPU class, the path chosen and why
+    lora_adapters: dict[str, str] | None = None  # name -> source; None: LoRA is off
 
 
 @dataclass

@@ -17,10 +17,12 @@ import torch
 
 from radixserve.config import ServerArgs
 from radixserve.engine import cpu_path
+from radixserve.engine.lora import LoraManager, resolve_lora_source
 from radixserve.layers import parallel
 from radixserve.layers.attention import ForwardBatch, KVPool, create_attention_backend
 from radixserve.layers.linear import LinearBase
 from radixserve.models import model_class
+from radixserve.models.llama import LlamaForCausalLM
 from radixserve.models.loader import (
     ModelSource,
     gguf_linear_type,
@@ -89,6 +91,11 @@ class ModelRunner:
         cfg = self.config
         # refused before joining the group, so every rank fails fast with the same reason
         model_cls = model_class(cfg)
+        if args.enable_lora and model_cls is not LlamaForCausalLM:
+            raise ValueError(
+                "--enable-lora serves the Llama family (Llama, Mistral, Qwen2, Qwen3) only; "
+                f"this model is {model_cls.__name__}"
+            )
         heads, kv_heads = parallel.shard_heads(
             cfg.num_attention_heads, cfg.num_key_value_heads, self.tp_size, rank
         )
@@ -130,6 +137,11 @@ class ModelRunner:
             torch.set_default_dtype(default_dtype)
         model.load_weights(iter_weights(self.source, cfg))
         self.model = model.eval()
+        self.lora: LoraManager | None = None
+        if args.enable_lora:
+            self.lora = LoraManager(model, args.max_loras, args.max_lora_rank)
+            for name, source in args.lora_sources().items():
+                self.lora.load(name, source, resolve_lora_source(source))
         if self.quantization == "int4":
             self._quantize_int4()
         elif self.quantization == "int8":
@@ -272,6 +284,10 @@ class ModelRunner:
         if graphs is not None and graphs.can_run(batch) and logit_rows.numel() == batch.batch_size:
             return graphs.replay(batch)  # a decode step: one logits row per request, in order
         self.backend.init_forward(batch)
+        if batch.lora_slots is not None:
+            batch.metadata["lora"] = self.lora.batch_plan(
+                batch.lora_slots, batch.extend_lens, self.device
+            )
         hidden = self.model(batch)
         return self.model.compute_logits(hidden[logit_rows])
 

@@ -29,9 +29,13 @@ from radixserve.engine.io_struct import (
     FinishLength,
     FinishReason,
     FinishStop,
+    LoadLoraReq,
+    LoraReply,
     ReqOutput,
     TokenizedGenerateReq,
+    UnloadLoraReq,
 )
+from radixserve.engine.lora import LoraError
 from radixserve.engine.model_runner import ModelRunner
 from radixserve.engine.radix_cache import NoPrefixCache, RadixCache, TreeNode
 from radixserve.engine.sampler import SamplingRow, sample, token_logprobs
@@ -70,6 +74,8 @@ class Req:
     prompt_logprobs: list = field(default_factory=list)
     prompt_lp_sent: bool = False
     spec: SpecState | None = None  # speculative decoding: this step's drafts, acceptance
+    lora_name: str | None = None  # its adapter; None = the base model
+    lora_slot: int | None = None  # the adapter's weight slot, pinned while it runs
     # first admission is recorded once (queue time, prefix-cache hits, prompt tokens): a
     # retracted request that is admitted again keeps what it reported
     admitted: bool = False
@@ -145,7 +151,9 @@ class Scheduler:
         self.prefill_budget = min(self.chunk_size, args.max_prefill_tokens)
         self.stats = EngineStats(kv_total_tokens=self.pool.size)
         self.shared_gen = torch.Generator(device=runner.device).manual_seed(args.random_seed)
-        self.finished_outputs: list[ReqOutput] = []
+        self.finished_outputs: list[ReqOutput | LoraReply] = []
+        self.lora = runner.lora
+        self.pending_unloads: list[UnloadLoraReq] = []  # waiting for their requests to end
         self.grammar_wait: list[tuple[Req, Future]] = []  # compiling off the loop
         self.spec: Speculation | None = None
         if args.speculative_algorithm == "NGRAM":
@@ -158,7 +166,13 @@ class Scheduler:
         self._grammar_backend = None
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.finished_outputs or self.grammar_wait)
+        return bool(
+            self.waiting
+            or self.running
+            or self.finished_outputs
+            or self.grammar_wait
+            or self.pending_unloads
+        )
 
     def add_request(self, msg: TokenizedGenerateReq) -> None:
         p = msg.sampling_params
@@ -175,11 +189,19 @@ class Scheduler:
         if msg.return_logprob and 0 <= msg.logprob_start_len < len(msg.input_ids):
             req.prompt_lp_start = msg.logprob_start_len
             req.prompt_logprobs = [(None, [])] if msg.logprob_start_len == 0 else []
-        # a salted request shares cached prefixes only with requests of its salt
-        req.cache_namespace = None if msg.cache_salt is None else ("salt", msg.cache_salt)
+        # KV computed under an adapter is that adapter's, and a salted request shares cached
+        # prefixes only with requests of its salt: both key the radix cache's namespace
+        if msg.lora_name is not None or msg.cache_salt is not None:
+            req.cache_namespace = (msg.lora_name, msg.cache_salt)
         row.output_ids = req.output_ids
         self.arrivals += 1
         why = self._reject_reason(req)
+        if why is None and msg.lora_name is not None:
+            if self.lora is None or not self.lora.usable(msg.lora_name):
+                why = FinishAbort(f"LoRA adapter {msg.lora_name!r} is not loaded", status_code=404)
+            else:
+                req.lora_name = msg.lora_name
+                self.lora.users[msg.lora_name] += 1
         if why is not None:
             self._finish(req, why)
             return
@@ -327,6 +349,11 @@ class Scheduler:
         tokens this step) fits in KV memory with `reserve` tokens kept for the running
         requests' decoding, or when it is `alone` (nothing else would run). Returns the tokens to compute,
         or None (and changes nothing) when it does not fit."""
+        if req.lora_name is not None:
+            # every adapter slot is pinned by running requests: wait for one to finish
+            req.lora_slot = self.lora.acquire(req.lora_name)
+            if req.lora_slot is None:
+                return None
         self.cache.inc_lock_ref(node)  # before _alloc, whose eviction must spare it
         n = min(len(req.fill_ids) - prefix.numel(), budget)
         new = None
@@ -334,6 +361,7 @@ class Scheduler:
             new = self._alloc(n)
         if new is None:
             self.cache.dec_lock_ref(node)
+            self._release_lora(req)
             return None
         req.slots = torch.cat([prefix, new])
         req.prefix_len, req.last_node = prefix.numel(), node
@@ -411,6 +439,8 @@ class Scheduler:
                 outputs.append(self._output(req))
         stats.time_output_s += time.perf_counter() - t_out
         self.running = [r for r in self.running if r.finished_reason is None]
+        if self.pending_unloads:
+            self._finish_unloads()
         self._update_stats()
         inner = stats.time_forward_s + stats.time_sample_s + stats.time_output_s - inner
         stats.time_schedule_s += time.perf_counter() - start - inner
@@ -470,6 +500,7 @@ class Scheduler:
     def _retract(self, req: Req) -> None:
         self.running.remove(req)
         self.cache.cache_finished(req)
+        self._release_lora(req)
         self.waiting.appendleft(req)
         self.stats.num_retractions += 1
         logger.debug("retracted %s after %d tokens", req.rid, len(req.output_ids))
@@ -479,6 +510,7 @@ class Scheduler:
         pos: list[int] = []
         loc: list[torch.Tensor] = []
         prefix_lens, extend_lens, req_slots = [], [], []
+        lora_slots: list[int] = []
         sample_reqs: list[Req] = []
         logit_rows: list[int] = []
         prompt_rows: list[tuple[Req, int, int]] = []  # (request, row, the token it scores)
@@ -497,6 +529,7 @@ class Scheduler:
             prefix_lens.append(start)
             extend_lens.append(n)
             req_slots.append(req.slots)
+            lora_slots.append(-1 if req.lora_slot is None else req.lora_slot)
             if total == len(req.fill_ids):
                 if req.params.max_new_tokens == 0:
                     no_sample.append(req)
@@ -516,6 +549,7 @@ class Scheduler:
             prefix_lens.append(start)
             extend_lens.append(len(drafts) + 1)
             req_slots.append(req.slots)
+            lora_slots.append(-1 if req.lora_slot is None else req.lora_slot)
         for req in decode:
             if req.spec is not None and req.spec.drafts:
                 continue
@@ -526,6 +560,7 @@ class Scheduler:
             prefix_lens.append(total - 1)
             extend_lens.append(1)
             req_slots.append(req.slots)
+            lora_slots.append(-1 if req.lora_slot is None else req.lora_slot)
             sample_reqs.append(req)
             logit_rows.append(len(ids) - 1)
         device = self.runner.device
@@ -540,6 +575,7 @@ class Scheduler:
             prefix_lens=prefix_lens,
             extend_lens=extend_lens,
             req_slots=req_slots,
+            lora_slots=lora_slots if self.lora is not None else None,
         )
         t0 = time.perf_counter()
         verify_rows = [row + i for req, row in spec_rows for i in range(len(req.spec.drafts) + 1)]
@@ -652,6 +688,50 @@ class Scheduler:
         s.num_running = len(self.running)
         s.num_waiting = len(self.waiting)
         s.kv_used_tokens = self.pool.size - self._available()
+        if self.lora is not None:
+            s.max_loras = self.lora.max_loras
+            s.running_lora_adapters = sorted({r.lora_name for r in self.running} - {None})
+            waiting = [r.lora_name for r in self.waiting] + [
+                r.lora_name for r, _ in self.grammar_wait
+            ]
+            s.waiting_lora_adapters = sorted(set(waiting) - {None})
+
+    # ---- LoRA adapters: load, unload, pins -----------------------------------------------
+    def lora_request(self, msg: LoadLoraReq | UnloadLoraReq) -> None:
+        """Load at once; unload once no accepted request uses the adapter any more (its
+        waiting and running requests finish first, none is lost)."""
+        if self.lora is None:
+            self._lora_reply(msg, False, "LoRA is off: start the server with --enable-lora", 400)
+        elif isinstance(msg, LoadLoraReq):
+            try:
+                text = self.lora.load(msg.lora_name, msg.source, msg.folder)
+            except LoraError as e:
+                self._lora_reply(msg, False, str(e), e.status)
+            else:
+                self._lora_reply(msg, True, text)
+        elif not self.lora.usable(msg.lora_name):
+            self._lora_reply(msg, False, f"LoRA adapter {msg.lora_name!r} is not loaded", 404)
+        else:
+            self.pending_unloads.append(msg)
+            self._finish_unloads()
+
+    def _finish_unloads(self) -> None:
+        still = []
+        for msg in self.pending_unloads:
+            if self.lora.try_unload(msg.lora_name):
+                self._lora_reply(msg, True, f"adapter {msg.lora_name!r} unloaded")
+            else:
+                still.append(msg)
+        self.pending_unloads = still
+
+    def _lora_reply(self, msg, success: bool, message: str, status: int = 200) -> None:
+        adapters = self.lora.loaded() if self.lora is not None else {}
+        self.finished_outputs.append(LoraReply(msg.rid, success, message, status, adapters))
+
+    def _release_lora(self, req: Req) -> None:
+        if req.lora_slot is not None:
+            self.lora.release(req.lora_name)
+            req.lora_slot = None
 
     # ---- finish: the stop rule and the outputs -------------------------------------------
     def _check_finished(self, req: Req, tok: int) -> FinishReason | None:
@@ -683,6 +763,9 @@ class Scheduler:
         req.finished_reason = reason
         if req.slots.numel():
             self.cache.cache_finished(req)
+        if req.lora_name is not None:
+            self._release_lora(req)
+            self.lora.users[req.lora_name] -= 1
         self.finished_outputs.append(self._output(req))
 
     def _output(self, req: Req) -> ReqOutput:

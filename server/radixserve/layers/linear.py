@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radixserve.layers.lora import LoraBatch, LoraSlots
 from radixserve.layers.parallel import (
     all_gather_last_dim,
     all_reduce,
@@ -89,6 +90,14 @@ class LinearBase(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.int4: tuple[torch.Tensor, torch.Tensor] | None = None
         self.int8: torch.Tensor | None = None
+        self.lora: LoraSlots | None = None  # adapter slots, with --enable-lora
+
+    def with_lora(self, out: torch.Tensor, x: torch.Tensor, lora: LoraBatch | None):
+        """The base output plus the step's adapters' deltas (LoRA stays outside the base
+        matmul, so the int4/int8 weights serve LoRA requests unchanged)."""
+        if lora is None or self.lora is None:
+            return out
+        return self.lora.add_delta(out, x, lora)
 
     def quantize_int4(self) -> bool:
         self.int4 = pack_int4(self.weight)
@@ -118,17 +127,18 @@ class ColumnParallelLinear(LinearBase):
     def __init__(self, in_features: int, local_out_features: int, bias: bool) -> None:
         super().__init__(local_out_features, in_features, bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul(x, self.bias)
+    def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
+        return self.with_lora(self.matmul(x, self.bias), x, lora)
 
 
 class RowParallelLinear(LinearBase):
     def __init__(self, local_in_features: int, out_features: int, bias: bool) -> None:
         super().__init__(out_features, local_in_features, bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
         if tp_size() == 1:
-            return self.matmul(x, self.bias)
+            return self.with_lora(self.matmul(x, self.bias), x, lora)
+        # LoRA is refused with tensor parallelism (config.py), so no delta here
         out = all_reduce(self.matmul(x, None))
         return out + self.bias if self.bias is not None else out
 

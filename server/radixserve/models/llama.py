@@ -25,6 +25,7 @@ from radixserve.layers.linear import (
     VocabParallelEmbedding,
     lm_logits,
 )
+from radixserve.layers.lora import LoraBatch, LoraSlots
 from radixserve.layers.parallel import shard_heads, split_range, tp_rank, tp_size
 from radixserve.layers.rotary import RotaryEmbedding
 
@@ -74,7 +75,8 @@ class Attention(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
+        lora = batch.metadata.get("lora")
+        qkv = self.qkv_proj(x, lora)
         v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = qkv[:, : self.q_size + self.kv_size].split([self.q_size, self.kv_size], -1)
@@ -89,7 +91,7 @@ class Attention(nn.Module):
         qk = self.rotary.apply(qk, batch.metadata["rope"])
         q, k = qk.split([self.num_heads, self.num_kv_heads], 1)
         o = self.backend.forward(q, k, v, self.layer_id, batch, self.scale)
-        return self.o_proj(o.reshape(-1, self.q_size))
+        return self.o_proj(o.reshape(-1, self.q_size), lora)
 
 
 class MLP(nn.Module):
@@ -102,9 +104,9 @@ class MLP(nn.Module):
         self.gate_up_proj = ColumnParallelLinear(config.hidden_size, 2 * self.inter, bias=bias)
         self.down_proj = RowParallelLinear(self.inter, config.hidden_size, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, lora).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up, lora)
 
 
 class DecoderLayer(nn.Module):
@@ -121,7 +123,7 @@ class DecoderLayer(nn.Module):
         # in place: the stream is this forward's own tensor (adding a bfloat16 update to a
         # float32 tensor in place promotes it without a separate conversion)
         x = x.add_(self.self_attn(self.input_layernorm(x), batch))
-        return x.add_(self.mlp(self.post_attention_layernorm(x)))
+        return x.add_(self.mlp(self.post_attention_layernorm(x), batch.metadata.get("lora")))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -153,6 +155,34 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.layers:
             x = layer(x, batch)
         return self.norm(x)
+
+    def lora_targets(self) -> dict[str, tuple[str, int, int, int]]:
+        """PEFT's target module names -> (our projection's attribute path in a layer, part,
+        in features, out features of the part)."""
+        attn, mlp = self.layers[0].self_attn, self.layers[0].mlp
+        h = self.config.hidden_size
+        return {
+            "q_proj": ("self_attn.qkv_proj", 0, h, attn.q_size),
+            "k_proj": ("self_attn.qkv_proj", 1, h, attn.kv_size),
+            "v_proj": ("self_attn.qkv_proj", 2, h, attn.kv_size),
+            "o_proj": ("self_attn.o_proj", 0, attn.q_size, h),
+            "gate_proj": ("mlp.gate_up_proj", 0, h, mlp.inter),
+            "up_proj": ("mlp.gate_up_proj", 1, h, mlp.inter),
+            "down_proj": ("mlp.down_proj", 0, mlp.inter, h),
+        }
+
+    def init_lora_slots(self, num_slots: int, max_rank: int) -> None:
+        """Give every projection its adapter weight slots (zero: no adapter)."""
+        parts: dict[str, list[tuple[int, int]]] = {}
+        for path, _part, fan_in, fan_out in self.lora_targets().values():
+            parts.setdefault(path, []).append((fan_in, fan_out))
+        for layer in self.layers:
+            for path, shapes in parts.items():
+                proj = layer.get_submodule(path)
+                w = proj.weight
+                proj.lora = LoraSlots(
+                    num_slots, max_rank, shapes[0][0], [o for _, o in shapes], w.dtype, w.device
+                )
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits over the whole vocabulary, on every rank."""

@@ -102,9 +102,10 @@ def chat_request(param: str, **fields) -> ChatCompletionRequest:
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request):
     state = get_state(request)
-    model = open_generation(state, req)
+    model, lora = open_generation(state, req)
     tools = ToolMode.of(state, req)
     job = await chat_job(state, req, tools)
+    job.loras = [lora]
     return await serve(request, state, job, ChatFormatter(state, req, model, tools))
 
 

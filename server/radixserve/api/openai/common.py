@@ -25,11 +25,12 @@ from radixserve.api.state import ServerState
 from radixserve.engine.client import GenerateChunk
 
 
-def open_generation(state: ServerState, req: SamplingExtras) -> str:
-    """The served model's name, once the server is ready and generates; else the error."""
+def open_generation(state: ServerState, req: SamplingExtras) -> tuple[str, str | None]:
+    """(the model name answers carry, the LoRA adapter `model` selects or None), once the
+    server is ready and generates; else the error."""
     state.check_ready()
     state.check_generation()
-    return state.check_model(req.model)
+    return state.resolve_model(req.model)
 
 
 def grammar_of(rf: ResponseFormat | None) -> str | None:

@@ -116,8 +116,9 @@ class CompletionFormatter(ChoicesFormatter):
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request):
     state = get_state(request)
-    model = open_generation(state, req)
+    model, lora = open_generation(state, req)
     job, echoes = await _job(state, req)
+    job.loras = [lora] * len(job.prompts)
     return await serve(request, state, job, CompletionFormatter(state, req, model, echoes))
 
 

@@ -108,6 +108,7 @@ class ForwardBatch:
     extend_lens: list[int]  # per request: tokens computed in this step (1 for decode)
     req_slots: list[torch.Tensor]  # per request: all slots of its sequence, this step's included
     metadata: dict = field(default_factory=dict)
+    lora_slots: list[int] | None = None  # per request: its adapter's weight slot, -1 = base
 
     @property
     def batch_size(self) -> int:
