@@ -477,9 +477,10 @@ async def create_response(req: ResponsesRequest, request: Request):
     new = input_messages(req.input)
     rid = uuid.uuid4().hex
     chat = as_chat(req, history + new, rid)
-    model = open_generation(state, chat)
+    model, lora = open_generation(state, chat)
     tools = ToolMode.of(state, chat)
     job = await chat_job(state, chat, tools, route="/v1/responses")
+    job.loras = [lora]
     builder = ResponseBuilder(state, req, model, tools, rid)
     builder.conversation = history + new
     if req.stream and req.store:
