@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from radixserve import __version__
 from radixserve.api.anthropic import router as anthropic_router
+from radixserve.api.control import router as control_router
 from radixserve.api.errors import error_body, error_body_for, install_error_handlers
 from radixserve.api.lora import router as lora_router
 from radixserve.api.native import router as native_router
@@ -176,6 +177,7 @@ def create_app(args: ServerArgs) -> FastAPI:
     app.include_router(native_router)
     app.include_router(anthropic_router)
     app.include_router(lora_router)
+    app.include_router(control_router)
     app.add_middleware(ServerMiddleware, state=state)
     if args.enable_cors:  # outermost, so preflights need no API key
         from fastapi.middleware.cors import CORSMiddleware

@@ -29,6 +29,7 @@ from radixserve.engine.engine_process import HEARTBEAT_S, engine_main, prepare_e
 from radixserve.engine.io_struct import (
     AbortReq,
     BatchOutput,
+    ControlReply,
     EngineFailed,
     EngineReady,
     EngineStats,
@@ -38,11 +39,13 @@ from radixserve.engine.io_struct import (
     FlushCacheReq,
     LoadLoraReq,
     LoraReply,
+    ProfileReq,
     ReqOutput,
     ShutdownReq,
     TokenizedEmbeddingReq,
     TokenizedGenerateReq,
     UnloadLoraReq,
+    UpdateWeightsReq,
 )
 from radixserve.engine.lora import LoraError, resolve_lora_source
 from radixserve.engine.sampling_params import SamplingParams
@@ -100,6 +103,7 @@ class EngineClient:
         self._queues: dict[str, asyncio.Queue] = {}
         self._flush_waiters: list[asyncio.Future] = []
         self.lora_adapters: dict[str, str] = {}  # name -> source of the usable adapters
+        self._control_waiters: dict[str, asyncio.Future] = {}
         self._tasks: list[asyncio.Task] = []
         self._proc: mp.process.BaseProcess | None = None  # rank 0: scheduler and model
         self._ranks: list[mp.process.BaseProcess] = []  # this node's other tensor-parallel ranks
@@ -243,6 +247,10 @@ class EngineClient:
                     if not fut.done():
                         fut.set_result(msg.flushed)
                 self._flush_waiters.clear()
+            for reply in msg.replies:
+                fut = self._control_waiters.pop(reply.rid, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(reply)
             for out in msg.outputs:
                 q = self._queues.get(out.rid)
                 if q is not None:
@@ -271,6 +279,10 @@ class EngineClient:
             if not fut.done():
                 fut.set_exception(EngineError(why))
         self._flush_waiters.clear()
+        for fut in self._control_waiters.values():
+            if not fut.done():
+                fut.set_exception(EngineError(why))
+        self._control_waiters.clear()
 
     # ---- text ------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -493,6 +505,18 @@ class EngineClient:
         self._flush_waiters.append(fut)
         await self._send.send_pyobj(FlushCacheReq())
         return await fut
+
+    async def control(self, msg: UpdateWeightsReq | ProfileReq) -> ControlReply:
+        """Send a control message and wait for the engine's reply (a weights update
+        replies once the running requests have drained and the swap is done)."""
+        self.check_alive()
+        fut = asyncio.get_running_loop().create_future()
+        self._control_waiters[msg.rid] = fut
+        try:
+            await self._send.send_pyobj(msg)
+            return await fut
+        finally:
+            self._control_waiters.pop(msg.rid, None)
 
 
 def sequence_rids(rid: str, num_prompts: int, n: int) -> list[str]:

@@ -18,6 +18,7 @@ import torch
 import zmq
 
 from radixserve.config import ServerArgs
+from radixserve.engine.control import EngineControl
 from radixserve.engine.io_struct import (
     AbortReq,
     BatchOutput,
@@ -26,9 +27,11 @@ from radixserve.engine.io_struct import (
     EngineStats,
     FlushCacheReq,
     LoadLoraReq,
+    ProfileReq,
     ShutdownReq,
     TokenizedGenerateReq,
     UnloadLoraReq,
+    UpdateWeightsReq,
 )
 from radixserve.models import stop_tokens
 
@@ -128,6 +131,14 @@ class GenerationWorker:
     def flush_cache(self) -> bool:
         return self.scheduler.flush_cache()
 
+    def update_weights(self, model_path: str) -> str:
+        """New weights, same architecture; called with no request running. The prefix
+        cache is dropped: its KV was computed by the old weights."""
+        path = self.runner.reload_weights(model_path)
+        self.scheduler.flush_cache()
+        self.ready.model_path = path
+        return path
+
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
@@ -175,14 +186,23 @@ def serve(worker: Worker, recv: zmq.Socket, send: zmq.Socket, parent: int) -> No
     front process `parent` is gone."""
     poller = zmq.Poller()
     poller.register(recv, zmq.POLLIN)
+    control = EngineControl(worker)
     while True:
         timeout = 0 if worker.has_work() else HEARTBEAT_S * 1000
         flushed = None
+        replies = []
         while poller.poll(timeout):
             msg = pickle.loads(recv.recv())
             timeout = 0
             if isinstance(msg, FlushCacheReq):
                 flushed = worker.flush_cache()
+            elif isinstance(msg, ProfileReq):
+                replies.append(control.profile(msg))
+            elif isinstance(msg, UpdateWeightsReq):
+                if (refused := control.request_update(msg)) is not None:
+                    replies.append(refused)
+            elif control.holds(msg):
+                pass
             elif isinstance(msg, ShutdownReq):
                 logger.info("engine shutting down")
                 worker.shutdown()
@@ -193,6 +213,8 @@ def serve(worker: Worker, recv: zmq.Socket, send: zmq.Socket, parent: int) -> No
         if os.getppid() != parent:
             logger.error("front process is gone; engine exits")
             return
+        if (swapped := control.swap_if_drained()) is not None:
+            replies.append(swapped)
         try:
             if worker.has_work():
                 outputs = worker.step()
@@ -203,7 +225,7 @@ def serve(worker: Worker, recv: zmq.Socket, send: zmq.Socket, parent: int) -> No
             logger.error("engine step failed:\n%s", traceback.format_exc())
             send.send_pyobj(EngineFailed("engine step failed: " + traceback.format_exc(limit=3)))
             raise
-        send.send_pyobj(BatchOutput(outputs, worker.stats, flushed))
+        send.send_pyobj(BatchOutput(outputs, worker.stats, flushed, replies))
 
 
 def prepare_engine_env() -> None:

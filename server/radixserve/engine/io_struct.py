@@ -128,6 +128,35 @@ class ShutdownReq:
 
 
 @dataclass
+class UpdateWeightsReq:
+    """Reload the weights from `model_path` (the same architecture) in place. The engine
+    drains first: it admits no new request until the running ones finish, swaps, flushes
+    the prefix cache (its KV came from the old weights), then admits the queued ones."""
+
+    rid: str
+    model_path: str
+
+
+@dataclass
+class ProfileReq:
+    """Start or stop the torch profiler in the engine process; stop writes the trace."""
+
+    rid: str
+    action: str  # "start" or "stop"
+    output_dir: str | None = None
+
+
+@dataclass
+class ControlReply:
+    """The answer to an UpdateWeightsReq or ProfileReq, matched by `rid`."""
+
+    rid: str
+    ok: bool
+    message: str
+    path: str | None = None  # a written trace, the weights now loaded
+
+
+@dataclass
 class ReqOutput:
     """New tokens of one request in one step (and, when it ended, why)."""
 
@@ -181,6 +210,7 @@ class BatchOutput:
     outputs: list[ReqOutput | EmbeddingOutput | LoraReply] = field(default_factory=list)
     stats: EngineStats | None = None
     flushed: bool | None = None  # answer to a FlushCacheReq
+    replies: list[ControlReply] = field(default_factory=list)
 
 
 @dataclass

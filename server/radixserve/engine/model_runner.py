@@ -42,6 +42,16 @@ _CPU_KV_MEMORY_FRACTION = 0.25
 # prefill tokens, logit rows, KV slots of all requests]
 _HEADER_LEN = 7
 _STEP, _IDLE, _STOP = 0, 1, 2
+# what /update_weights_from_disk requires to match: the shapes every buffer was sized by
+_SAME_ARCHITECTURE = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
 
 
 def resolve_device(device: str) -> str:
@@ -127,25 +137,13 @@ class ModelRunner:
         self.backend = self._attention_backend(model_cls)
         self.backend_name = type(self.backend).__name__.removesuffix("AttentionBackend").lower()
 
-        max_pos = max(self.context_length, int(getattr(cfg, "max_position_embeddings", 0)))
-        default_dtype = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)  # build parameters in their final dtype, no copy
-        try:
-            with torch.device(self.device):
-                model = model_cls(cfg, self.backend, max_pos)
-        finally:
-            torch.set_default_dtype(default_dtype)
-        model.load_weights(iter_weights(self.source, cfg))
-        self.model = model.eval()
+        self.model = self._load_model(model_cls, self.source, cfg)
         self.lora: LoraManager | None = None
         if args.enable_lora:
-            self.lora = LoraManager(model, args.max_loras, args.max_lora_rank)
+            self.lora = LoraManager(self.model, args.max_loras, args.max_lora_rank)
             for name, source in args.lora_sources().items():
                 self.lora.load(name, source, resolve_lora_source(source))
-        if self.quantization == "int4":
-            self._quantize_int4()
-        elif self.quantization == "int8":
-            self._quantize_int8()
+        self._quantize()
         if self.cpu_path is not None:
             logger.info(
                 "CPU path: class %s (torch %s), %s, quantization %s: %s",
@@ -179,6 +177,55 @@ class ModelRunner:
             self.backend_name,
             self.max_total_tokens,
         )
+
+    def _load_model(self, model_cls: type, source: ModelSource, cfg):
+        """The model built in its final dtype (no copy) with `source`'s weights."""
+        max_pos = max(self.context_length, int(getattr(cfg, "max_position_embeddings", 0)))
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                model = model_cls(cfg, self.backend, max_pos)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        model.load_weights(iter_weights(source, cfg))
+        return model.eval()
+
+    def _quantize(self) -> None:
+        if self.quantization == "int4":
+            self._quantize_int4()
+        elif self.quantization == "int8":
+            self._quantize_int8()
+
+    def reload_weights(self, model_path: str) -> str:
+        """Swap in the weights of `model_path`, a model of the same architecture (same
+        shapes: the KV pool, the backend and the tokenizer stay). The new model is built
+        beside the old one, so a file that fails to load leaves the old weights serving;
+        the caller makes sure no request runs meanwhile."""
+        if self.tp_size > 1:
+            raise ValueError("updating weights is not supported with tensor parallelism")
+        if self.lora is not None:
+            raise ValueError(
+                "updating weights is not supported with --enable-lora: the adapters are "
+                "attached to the loaded model"
+            )
+        source = resolve_model(model_path)
+        cfg = load_config(source)
+        for key in _SAME_ARCHITECTURE:
+            old, new = getattr(self.config, key, None), getattr(cfg, key, None)
+            if old != new:
+                raise ValueError(f"not the same architecture: {key} is {new}, the model has {old}")
+        old_model = self.model
+        try:
+            self.model = self._load_model(model_class(cfg), source, cfg)
+            self._quantize()
+        except Exception:
+            self.model = old_model
+            raise
+        self.source, self.config = source, cfg
+        self.cuda_graphs = self._init_cuda_graphs()  # graphs captured the old parameters
+        logger.info("weights reloaded from %s", source.path)
+        return source.path
 
     def _attention_backend(self, model_cls: type):
         """The backend asked for, except that a model whose attention needs a sliding window
