@@ -44,7 +44,8 @@ class GptOssMoE(nn.Module):
             experts, config.hidden_size, config.intermediate_size, bias=True, activation=act
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: None = None) -> torch.Tensor:
+        """`lora`: as SparseMoeBlock's, always None."""
         weights, ids = topk_softmax(self.router(x), self.top_k)
         return self.experts(x, weights, ids)
 

@@ -53,7 +53,9 @@ class SparseMoeBlock(nn.Module):
         self.gate = Router(num_experts, config.hidden_size)
         self.experts = FusedMoE(num_experts, config.hidden_size, inter)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: None = None) -> torch.Tensor:
+        """`lora` is what Llama's layer passes its MLP; always None here (the runner refuses
+        --enable-lora for these families)."""
         weights, ids = softmax_topk(self.gate(x), self.top_k, self.renormalize)
         return self.experts(x, weights, ids)
 
