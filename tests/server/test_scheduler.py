@@ -300,6 +300,31 @@ def test_priority_orders_admission_only_when_enabled(env):
     assert order == ["low-a", "low-b", "urgent"]  # without the flag: arrival order
 
 
+def test_an_urgent_arrival_preempts_a_less_urgent_running_request(env, one_at_a_time):
+    """The batch is full (max_running_requests 1) with a low-priority request mid-decode; an
+    urgent one arrives: it starts at the next step, and the retracted request later
+    finishes with the tokens it would have had alone."""
+    p = env[3]
+    sched = make(env, max_running_requests=1, enable_priority_scheduling=True)
+    sched.add_request(TokenizedGenerateReq("low", p[0], GREEDY, stream=True, priority=5))
+    out: dict[str, list[int]] = {"low": [], "urgent": []}
+    order: list[str] = []
+    for _ in range(4):
+        for o in sched.step():
+            out[o.rid] += o.new_token_ids
+    assert 0 < len(out["low"]) < 16
+    sched.add_request(TokenizedGenerateReq("urgent", p[1], GREEDY, stream=True, priority=0))
+    while sched.has_work():
+        for o in sched.step():
+            out[o.rid] += o.new_token_ids
+            if o.finish_reason:
+                order.append(o.rid)
+    assert order == ["urgent", "low"]
+    assert sched.stats.num_retractions == 1
+    assert [out["low"], out["urgent"]] == one_at_a_time[:2]
+    assert_pool_whole(sched)
+
+
 def test_memory_shortage_retracts_the_least_urgent_first(env, one_at_a_time, monkeypatch):
     """Two requests outgrow the pool while decoding: the older but less urgent one is
     retracted (without priorities the newer one would be); both outputs are unchanged."""

@@ -421,6 +421,8 @@ class Scheduler:
         inner = stats.time_forward_s + stats.time_sample_s + stats.time_output_s
         if self.grammar_wait:
             self._admit_compiled()
+        if self.args.enable_priority_scheduling and self.waiting and self.running:
+            self._preempt_for_priority()
         decode = self._schedule_decode()
         if self.spec is not None:
             self._propose(decode)
@@ -463,6 +465,21 @@ class Scheduler:
                 break
             self._retract(victim)
         return decode
+
+    def _preempt_for_priority(self) -> None:
+        """A waiting request more urgent than some running one does not wait for the batch to
+        drain: while the batch is full (or memory is short for its prompt), the least urgent
+        running request is retracted, its tokens kept, to resume after it."""
+        head = min(self.waiting, key=lambda r: (r.priority, r.arrival))
+        while True:
+            full = len(self.running) >= self.args.max_running_requests
+            if not (full or self._available() < len(head.fill_ids)):
+                return
+            victims = [r for r in self.running if r is not self.chunked]
+            victim = self._retraction_order(victims)[-1] if victims else None
+            if victim is None or victim.priority <= head.priority:
+                return
+            self._retract(victim)
 
     def _propose(self, decode: list[Req]) -> None:
         """Drafts for the decoding requests that speculation serves, each with KV slots for
