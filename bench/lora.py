@@ -94,7 +94,8 @@ def serve(flags: list[str], port: int, log: Path) -> subprocess.Popen:
 
 
 def measure(name: str, flags: list[str], requests, tokenizer, port: int, out: Path) -> dict:
-    proc = serve(flags, port, out.with_name(out.name + f"-{name}.log"))
+    log = Path(tempfile.gettempdir()) / f"radixserve-lora-bench-{name.replace(' ', '-')}.log"
+    proc = serve(flags, port, log)
     try:
         url = f"http://127.0.0.1:{port}"
         metrics, _ = asyncio.run(

@@ -9,17 +9,19 @@ parts, zero elsewhere), so one pair of matmuls covers the fused projection. An a
 rank r fills rank rows [0, r) of its slot and leaves the rest zero, so a step computes only
 up to the largest rank among its adapters (`LoraBatch.rank`), and the slicing is a view.
 
-A step's rows are grouped once by slot (`LoraBatch`) and every projection reuses that plan:
-- decode-heavy steps (few rows per adapter): the rows are gathered into one padded
-  [slots, rows, in] block and two `torch.bmm` calls compute every adapter's delta at once
-  (Punica's BGMV, in torch's batched GEMM), reading the slots' weights in place;
-- prefill-heavy steps (long segments, where padding would waste most of the work): one pair
-  of matmuls per adapter group (S-LoRA's segmented GEMM as a loop).
-The choice is per step (`PAD_WASTE`). Why: at decode sizes each matmul is tiny and the
-per-call cost of an op on the CPU dominates, so two bmm calls per projection beat two calls
-per adapter (16 adapters x 4 projections x 30 layers is ~4,000 calls a step); with long
-segments the padding to the longest group would multiply the work instead, and the loop's
-few calls cost nothing beside its matmuls. bench/lora_delta.py times both.
+A step's rows are planned once (`LoraBatch`) and every projection reuses the plan:
+- single-row segments (decoding requests) are gathered by slot into one padded
+  [slots, rows, in] block, and two `torch.bmm` calls compute every adapter's delta at once
+  (Punica's BGMV, in torch's batched GEMM), reading the slots' weights in place; the deltas
+  come back in token order through one gather (`index_select`) from the padded result;
+- longer segments (prefill chunks) take one pair of matmuls each, on their contiguous rows
+  (S-LoRA's segmented GEMM as a loop over slices): no padding, no indexing.
+Why: at decode sizes each matmul is tiny and the per-call cost of an op on the CPU
+dominates, so two bmm calls per projection beat two calls per adapter (16 adapters x 4
+projections x 30 layers is ~4,000 calls a step); a prefill segment's matmuls are large
+enough that a call each costs nothing extra. Scatters are avoided on purpose: torch's CPU
+`index_add_` on bfloat16 rows took 45% of a 16-adapter decode step's CPU time in torch's
+profiler (bench/lora_delta.py times the delta per step shape).
 Rows of the base model (slot -1) take no LoRA work at all.
 """
 
@@ -27,40 +29,44 @@ from __future__ import annotations
 
 import torch
 
-# the padded bmm is used while its padded rows are at most this many times the real ones
-PAD_WASTE = 2.0
-
 
 class LoraBatch:
-    """One step's rows grouped by adapter slot; built once, read by every projection."""
+    """One step's rows by adapter slot; built once, read by every projection."""
 
-    def __init__(self, token_slots: torch.Tensor, rank: int) -> None:
+    def __init__(self, token_slots: torch.Tensor, segments: list[tuple[int, int, int]], rank: int):
         self.rank = rank  # largest rank among this step's adapters
-        rows = torch.nonzero(token_slots >= 0).squeeze(1)
-        slots = token_slots[rows]
-        order = torch.argsort(slots, stable=True)
-        rows, slots = rows[order], slots[order]
-        used, counts = torch.unique_consecutive(slots, return_counts=True)
-        self.num_slots = int(used.max()) + 1  # the bmm covers slots [0, num_slots)
-        widest = int(counts.max())
-        self.padded = self.num_slots * widest <= PAD_WASTE * rows.numel()
-        # per group: (slot, its rows), for the segmented loop
-        self.groups = list(zip(used.tolist(), rows.split(counts.tolist()), strict=True))
-        if self.padded:
-            # place i of slot s's rows at s * widest + i; the remaining places repeat row 0
-            # and are computed but never added back
-            starts = torch.cumsum(counts, 0) - counts
-            place = slots * widest + (
-                torch.arange(rows.numel(), device=rows.device)
-                - starts[
-                    torch.repeat_interleave(torch.arange(used.numel(), device=rows.device), counts)
-                ]
+        self.num_tokens = token_slots.numel()
+        # (start, end, slot) of every multi-row segment under an adapter, for the loop
+        self.segments = [seg for seg in segments if seg[1] - seg[0] > 1]
+        single = torch.tensor(
+            [start for start, end, _ in segments if end - start == 1], dtype=torch.int64
+        )
+        self.num_slots = 0
+        if single.numel():
+            single = single.to(token_slots.device)
+            slots = token_slots[single]
+            order = torch.argsort(slots, stable=True)
+            rows, slots = single[order], slots[order]
+            used, counts = torch.unique_consecutive(slots, return_counts=True)
+            self.num_slots = int(used.max()) + 1  # the bmm covers slots [0, num_slots)
+            self.widest = int(counts.max())
+            # place i of slot s's rows is s * widest + i; the other places repeat row 0 and
+            # are computed but never read back
+            group = torch.repeat_interleave(torch.arange(used.numel(), device=rows.device), counts)
+            place = (
+                slots * self.widest
+                + torch.arange(rows.numel(), device=rows.device)
+                - (torch.cumsum(counts, 0) - counts)[group]
             )
             self.gather = torch.zeros(
-                self.num_slots * widest, dtype=torch.int64, device=rows.device
+                self.num_slots * self.widest, dtype=torch.int64, device=rows.device
             )
             self.gather[place] = rows
-            self.place, self.rows, self.widest = place, rows, widest
+            # per token: where its delta lies in the padded result, or the zero row past it
+            self.back = torch.full(
+                (self.num_tokens,), self.num_slots * self.widest, device=rows.device
+            )
+            self.back[rows] = place
 
     @staticmethod
     def build(
@@ -71,10 +77,15 @@ class LoraBatch:
         used = {s for s in req_slots if s >= 0}
         if not used:
             return None
+        segments, start = [], 0
+        for slot, n in zip(req_slots, extend_lens, strict=True):
+            if slot >= 0:
+                segments.append((start, start + n, slot))
+            start += n
         per_token = torch.repeat_interleave(
             torch.tensor(req_slots, dtype=torch.int64), torch.tensor(extend_lens)
         )
-        return LoraBatch(per_token.to(device), max(ranks[s] for s in used))
+        return LoraBatch(per_token.to(device), segments, max(ranks[s] for s in used))
 
 
 class LoraSlots:
@@ -103,13 +114,15 @@ class LoraSlots:
 
     def add_delta(self, out: torch.Tensor, x: torch.Tensor, lb: LoraBatch) -> torch.Tensor:
         """out += x @ A^T @ B^T per row, with each row's adapter; in place."""
-        a = self.a[: lb.num_slots, : lb.rank].flatten(1, 2)  # [slots, rank*parts, in], a view
-        b = self.b[: lb.num_slots, : lb.rank].flatten(1, 2)  # [slots, rank*parts, out]
-        if lb.padded:
-            xs = x[lb.gather].view(lb.num_slots, lb.widest, -1)
-            delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b).flatten(0, 1)[lb.place]
-            return out.index_add_(0, lb.rows, delta.to(out.dtype))
-        for slot, rows in lb.groups:
-            delta = (x[rows] @ a[slot].t()) @ b[slot]
-            out.index_add_(0, rows, delta.to(out.dtype))
+        for start, end, slot in lb.segments:
+            a = self.a[slot, : lb.rank].flatten(0, 1)  # [rank*parts, in], a view
+            b = self.b[slot, : lb.rank].flatten(0, 1)  # [rank*parts, out]
+            out[start:end] += ((x[start:end] @ a.t()) @ b).to(out.dtype)
+        if lb.num_slots:
+            a = self.a[: lb.num_slots, : lb.rank].flatten(1, 2)  # [slots, rank*parts, in]
+            b = self.b[: lb.num_slots, : lb.rank].flatten(1, 2)  # [slots, rank*parts, out]
+            xs = x.index_select(0, lb.gather).view(lb.num_slots, lb.widest, -1)
+            delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b).flatten(0, 1)
+            delta = torch.cat([delta, delta.new_zeros(1, delta.shape[1])])
+            out += delta.index_select(0, lb.back).to(out.dtype)
         return out
