@@ -139,3 +139,20 @@ def test_urgent_request_goes_first_and_displaces_the_least_urgent_waiting(prio_s
     assert events[-1]["choices"][0]["finish_reason"] == "length"
     assert first_token["urgent"] < first_token["low-old"]
     wait_idle(prio_server)
+
+
+def test_responses_and_messages_take_priority_and_cache_salt(api_server):
+    """The other generation routes carry the same fields (through the chat path): a
+    priority without the flag is refused there too, an empty salt is a 400."""
+    url = api_server.url
+    r = httpx.post(url + "/v1/responses", json={"input": "Hi", "priority": 2})
+    assert r.status_code == 400 and "--enable-priority-scheduling" in r.text
+    msg = {"model": "x", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}
+    models = httpx.get(url + "/v1/models").json()["data"]
+    msg["model"] = models[0]["id"]
+    r = httpx.post(url + "/v1/messages", json={**msg, "priority": 2})
+    assert r.status_code == 400 and "--enable-priority-scheduling" in r.text
+    r = httpx.post(url + "/v1/messages", json={**msg, "cache_salt": "tenant-a"})
+    assert r.status_code == 200, r.text
+    r = httpx.post(url + "/v1/responses", json={"input": "Hi", "cache_salt": ""})
+    assert r.status_code == 400

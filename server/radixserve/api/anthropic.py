@@ -62,6 +62,9 @@ class MessagesRequest(CountTokensRequest):
     top_p: FiniteFloat | None = None
     top_k: int | None = None
     output_config: dict[str, Any] | None = None  # its `format` (json_schema) is enforced
+    # radixserve's (vLLM's) scheduling fields, through extra_body; see docs/api.md
+    priority: int = 0
+    cache_salt: str | None = None
     # accepted and ignored: they steer Anthropic's own service
     metadata: dict[str, Any] | None = None
     service_tier: str | None = None
@@ -195,6 +198,8 @@ def as_chat(req: CountTokensRequest) -> ChatCompletionRequest:
             top_p=req.top_p,
             top_k=req.top_k,
             response_format=_response_format(req.output_config),
+            priority=req.priority,
+            cache_salt=req.cache_salt,
         )
     return chat_request(
         "messages",

@@ -60,6 +60,9 @@ class ResponsesRequest(BaseModel):
     service_tier: str | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
+    # vLLM's extensions, as on chat and completions (see docs/api.md)
+    priority: int = 0
+    cache_salt: str | None = None
 
 
 # ---- request -> chat ----------------------------------------------------------------------------
@@ -180,6 +183,8 @@ def as_chat(req: ResponsesRequest, history: list[dict], rid: str) -> ChatComplet
         top_p=req.top_p,
         stream=req.stream,
         rid=rid,
+        priority=req.priority,
+        cache_salt=req.cache_salt,
     )
 
 
