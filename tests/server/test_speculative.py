@@ -60,9 +60,9 @@ def run(sched: Scheduler, reqs: list[tuple[list[int], SamplingParams]]) -> list[
     out: dict[str, dict] = {}
     while sched.has_work():
         for o in sched.step():
-            d = out.setdefault(o.rid, {"ids": [], "lps": 0})
+            d = out.setdefault(o.rid, {"ids": [], "lps": []})
             d["ids"] += o.new_token_ids
-            d["lps"] += len(o.logprobs or [])
+            d["lps"] += [(lp, [t for t, _ in alts]) for lp, alts in o.logprobs or []]
             if o.finish_reason:
                 d["finish"] = o.finish_reason
     assert sched.pool.available() + sched.cache.evictable_size == sched.pool.size
@@ -78,8 +78,9 @@ def test_ngram_proposer_continues_the_latest_match():
 
 
 def test_greedy_outputs_are_identical_with_and_without_speculation(env):
-    """Repetitive text (drafts accepted) and chat (mostly rejected), in one batch with
-    requests speculation skips (penalties, logprobs), with stop strings and max_tokens."""
+    """Repetitive text (drafts accepted) and chat (mostly rejected), in one batch with a
+    request speculation skips (penalties) and one with logprobs, with stop strings and
+    max_tokens."""
     greedy = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
     reqs = [(p, greedy) for p in prompts(env)]
     reqs.append((reqs[0][0], SamplingParams(max_new_tokens=7, temperature=0, ignore_eos=True)))
@@ -92,7 +93,11 @@ def test_greedy_outputs_are_identical_with_and_without_speculation(env):
     assert [r["ids"] for r in spec] == [r["ids"] for r in plain]
     assert [r["finish"] for r in spec] == [r["finish"] for r in plain]
     assert len(spec[5]["ids"]) == 7 and spec[6]["finish"].matched == "sub"
-    assert spec[-1]["lps"] == 20  # a logprobs request still gets one per token
+    # a logprobs request (sampled, top_k 1) is speculated too: one logprob per token, the
+    # plain path's values, the same top alternatives
+    assert len(spec[-1]["lps"]) == 20
+    for (a, alts_a), (b, alts_b) in zip(spec[-1]["lps"], plain[-1]["lps"], strict=True):
+        assert abs(a - b) < 1e-4 and alts_a == alts_b
     s = sched.stats
     assert s.spec_accepted_tokens > 20  # the repetitive prompts really were speculated
     assert s.spec_draft_tokens > s.spec_accepted_tokens  # and some drafts were rejected

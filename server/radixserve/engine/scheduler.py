@@ -648,7 +648,8 @@ class Scheduler:
         for req, _ in spec_rows:
             drafts, req.spec.drafts = req.spec.drafts, []
             n = len(drafts) + 1
-            tokens, accepted = verify(logits[at : at + n], req.row, drafts, self.shared_gen)
+            rows = logits[at : at + n]
+            tokens, accepted = verify(rows, req.row, drafts, self.shared_gen)
             at += n
             self.spec.record(req.spec, len(drafts), accepted)
             self.stats.spec_draft_tokens += len(drafts)
@@ -664,6 +665,9 @@ class Scheduler:
                 reason = self._check_finished(req, tok)
                 if reason is not None:
                     break
+            if req.row.return_logprob:  # each emitted token's, from the row that chose it
+                top_n = req.row.top_logprobs_num
+                req.logprobs += token_logprobs(rows[:emitted], tokens[:emitted], top_n)
             keep = base + min(emitted, accepted)  # positions whose KV holds accepted tokens
             self.pool.free(req.slots[keep:])
             req.slots = req.slots[:keep]

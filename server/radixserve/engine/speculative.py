@@ -70,14 +70,13 @@ class Speculation:
     def eligible(row: SamplingRow) -> bool:
         """Requests whose next-token distribution does not depend on the tokens drafted
         before it, and whose draws need not repeat a seed's sequence: no penalties, bias,
-        pending min_tokens, grammar, logprobs or seed (those decode one token a step)."""
+        pending min_tokens, grammar or seed (those decode one token a step)."""
         p = row.params
         return not (
             p.has_penalties
             or p.logit_bias
             or len(row.output_ids) < p.min_new_tokens
             or row.grammar is not None
-            or row.return_logprob
             or (row.generator is not None and not p.greedy)
         )
 
