@@ -18,31 +18,15 @@ import argparse
 import asyncio
 import csv
 import os
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from local_server import cpu_line, serve
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 URGENT_PROMPT = "Answer in one word: what colour is the sky?"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def healthy(url: str) -> bool:
-    try:
-        return httpx.get(url + "/health", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 async def ttft(c: httpx.AsyncClient, url: str, priority: int) -> float:
@@ -80,24 +64,11 @@ async def measure(url: str, args, priorities: bool) -> dict:
 
 
 def run_mode(args, priorities: bool) -> dict:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     flags = ["--max-running-requests", str(args.max_running)]
     if priorities:
         flags.append("--enable-priority-scheduling")
-    log = tempfile.NamedTemporaryFile(prefix="priority-", suffix=".log", delete=False)
-    cmd = [sys.executable, "-m", "radixserve.cli", "serve", "--port", str(port), *flags]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 300
-        while not healthy(url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                sys.exit(f"server did not start; log: {log.name}")
-            time.sleep(0.5)
+    with serve(flags, "priority-") as (url, _):
         return asyncio.run(measure(url, args, priorities))
-    finally:
-        proc.terminate()
-        proc.wait(60)
 
 
 def main() -> None:
@@ -112,6 +83,7 @@ def main() -> None:
     for priorities in (False, True):
         r = run_mode(args, priorities)
         rows.append({
+            "cpu": cpu_line(),
             "mode": "priority" if priorities else "fcfs",
             "ttft_idle_s": round(r["idle"], 3),
             "ttft_under_burst_s": round(r["loaded"], 3),
@@ -124,7 +96,7 @@ def main() -> None:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    setup = (f"burst of {args.burst} x {args.burst_tokens} tokens, --max-running-requests "
+    setup = (f"{cpu_line()}; burst of {args.burst} x {args.burst_tokens} tokens, --max-running-requests "
              f"{args.max_running}, median of {args.repeats}; load average "
              f"{os.getloadavg()[0]:.1f}")  # fmt: skip
     lines = ["| mode | TTFT idle (s) | TTFT under burst (s) | ratio |", "|---|---|---|---|"]

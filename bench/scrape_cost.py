@@ -17,16 +17,12 @@ import argparse
 import asyncio
 import csv
 import os
-import platform
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from local_server import cpu_line, serve
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -36,19 +32,6 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of one process (the HTTP process answers /metrics)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
-    return platform.machine()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def load(url: str, concurrency: int, until: float) -> int:
@@ -103,28 +86,15 @@ def main() -> None:
     ap.add_argument("server_args", nargs="*", help="after --: flags for radixserve serve")
     args = ap.parse_args()
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tempfile.NamedTemporaryFile(prefix="scrape-cost-", suffix=".log", delete=False)
-    cmd = [sys.executable, "-m", "radixserve.cli", "serve", "--port", str(port), *args.server_args]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 300
-        while not _healthy(url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                sys.exit(f"server did not start; log: {log.name}")
-            time.sleep(0.5)
+    with serve(args.server_args, "scrape-cost-") as (url, proc):
         alone = asyncio.run(phase(url, proc.pid, args, scrape=False))
         scraped = asyncio.run(phase(url, proc.pid, args, scrape=True))
-    finally:
-        proc.terminate()
-        proc.wait(60)
 
     lat = sorted(scraped["latencies"])
     n = len(lat)
     extra_cpu = scraped["cpu"] / scraped["wall"] - alone["cpu"] / alone["wall"]
     row = {
-        "cpu": cpu_model(),
+        "cpu": cpu_line(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "rate_hz": args.rate,
         "achieved_hz": round(n / args.seconds, 2),
@@ -149,13 +119,6 @@ def main() -> None:
     Path(f"{stem}.md").write_text("# /metrics scrape cost\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {stem}.csv and .md")
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(url + "/health", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 if __name__ == "__main__":
