@@ -39,25 +39,37 @@ class SpecState:
 
 
 class NgramProposer:
-    """Prompt lookup: find the latest earlier occurrence of the sequence's last n tokens
-    (longest n first, from max_n down to min_n) and propose the tokens that followed it."""
+    """Prompt lookup: find the earlier occurrence that shares the longest suffix with the
+    sequence (up to max_n tokens, at least min_n; the latest among equals) and propose the
+    tokens that followed it.
+
+    One backward pass over the sequence, comparing ints, for every decode step of every
+    drafting request: slicing a window per candidate start and length cost milliseconds a
+    step on 2,000-token sequences."""
 
     def __init__(self, min_n: int, max_n: int) -> None:
         self.min_n, self.max_n = min_n, max_n
 
     def propose(self, ids: list[int], k: int) -> list[int]:
-        if k <= 0:
-            return []
         end = len(ids)
-        for n in range(min(self.max_n, end - 1), self.min_n - 1, -1):
-            tail = ids[end - n :]
-            # the latest match whose continuation is in the sequence, not the tail itself
-            for start in range(end - n - 1, -1, -1):
-                if ids[start : start + n] == tail:
-                    follow = ids[start + n : start + n + k]
-                    if follow:
-                        return follow
-        return []
+        if k <= 0 or end < 2:
+            return []
+        last = ids[-1]
+        best_n, best_follow = 0, 0
+        # j: an earlier position of the last token, so something follows it
+        for j in range(end - 2, -1, -1):
+            if ids[j] != last:
+                continue
+            n = 1
+            while n < self.max_n and n <= j and ids[j - n] == ids[end - 1 - n]:
+                n += 1
+            if n > best_n:
+                best_n, best_follow = n, j + 1
+                if n == self.max_n:
+                    break
+        if best_n < self.min_n:
+            return []
+        return ids[best_follow : best_follow + k]
 
 
 class Speculation:
