@@ -42,11 +42,10 @@ class _EngineCollector:
         yield GaugeMetricFamily(
             "radixserve_num_queue_reqs", "requests waiting for admission", value=s.num_waiting
         )
-        ratio = s.kv_used_tokens / s.kv_total_tokens if s.kv_total_tokens else 0.0
         yield GaugeMetricFamily(
             "radixserve_kv_cache_usage_ratio",
             "KV slots held by requests / all KV slots (cached prefixes not counted)",
-            value=ratio,
+            value=s.kv_usage,
         )
         yield GaugeMetricFamily(
             "radixserve_kv_cache_total_tokens", "KV cache capacity", value=s.kv_total_tokens
@@ -84,8 +83,7 @@ class _PickerCollector:
 
         yield gauge("vllm:num_requests_waiting", "requests waiting (picker)", s.num_waiting)
         yield gauge("vllm:num_requests_running", "requests running (picker)", s.num_running)
-        usage = s.kv_used_tokens / s.kv_total_tokens if s.kv_total_tokens else 0.0
-        yield gauge("vllm:kv_cache_usage_perc", "KV cache usage, 0-1 (picker)", usage)
+        yield gauge("vllm:kv_cache_usage_perc", "KV cache usage, 0-1 (picker)", s.kv_usage)
         cache = {"block_size": "1", "num_gpu_blocks": str(s.kv_total_tokens)}
         yield gauge("vllm:cache_config_info", "KV cache layout (picker)", 1.0, cache)
         lora = {

@@ -202,6 +202,11 @@ class EngineStats:
     running_lora_adapters: list[str] = field(default_factory=list)
     waiting_lora_adapters: list[str] = field(default_factory=list)
 
+    @property
+    def kv_usage(self) -> float:
+        """KV slots held by requests / all slots, 0-1 (cached prefixes not counted)."""
+        return self.kv_used_tokens / self.kv_total_tokens if self.kv_total_tokens else 0.0
+
 
 @dataclass
 class BatchOutput:
