@@ -3,9 +3,18 @@ head, head sizes the kernels treat differently) rather than the default model.""
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 from radixserve.models.loader import load_tokenizer, resolve_model
 from transformers import AutoConfig, AutoModelForCausalLM
+
+
+@cache
+def default_tokenizer():
+    """The default model's tokenizer, read from its GGUF once per test process (seconds
+    each time) and saved beside every tiny model that needs one."""
+    return load_tokenizer(resolve_model(None))
 
 
 def tiny_qwen3(
@@ -31,5 +40,5 @@ def tiny_qwen3(
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(path)
     if with_tokenizer:
-        load_tokenizer(resolve_model(None)).save_pretrained(path)
+        default_tokenizer().save_pretrained(path)
     return path

@@ -10,8 +10,10 @@
   a clamped SwiGLU: gate <= limit, -limit <= up <= limit, out = (up + 1) * gate *
   sigmoid(alpha * gate).
 
-Weights load from Hugging Face folders in bfloat16/float32 (transformers' layout); the
-released checkpoints' MXFP4 expert blocks are not read.
+Weights load from Hugging Face folders in bfloat16/float32 (transformers' layout) and from
+the released checkpoints, whose experts are MXFP4 (`*_blocks` / `*_scales`, rows the output
+features, gate and up rows interleaved): dequantized at load, one expert at a time, into
+the model's dtype (layers/mxfp4.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from radixserve.layers.moe import FusedMoE, topk_softmax
+from radixserve.layers.mxfp4 import Mxfp4Pairs, dequantize_mxfp4
 from radixserve.models.moe import MoeForCausalLM, Router
 
 
@@ -51,6 +54,7 @@ class GptOssMoE(nn.Module):
 
 
 _EXPERTS = re.compile(r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?$")
+_MXFP4 = re.compile(r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)_(blocks|scales)$")
 
 
 class GptOssForCausalLM(MoeForCausalLM):
@@ -63,7 +67,20 @@ class GptOssForCausalLM(MoeForCausalLM):
     def _mlp(self, config, layer_id: int) -> nn.Module:
         return GptOssMoE(config)
 
+    def load_weights(self, weights) -> None:
+        self._mxfp4 = Mxfp4Pairs()
+        try:
+            super().load_weights(weights)
+        finally:
+            del self._mxfp4
+
     def _load_other(self, name: str, tensor: torch.Tensor, loaded: set[str]) -> bool:
+        if m := _MXFP4.search(name):
+            pair = self._mxfp4.add(name, tensor)
+            if pair is not None:
+                layer, part = int(m[1]), m[2]
+                loaded.add(f"layers.{layer}.mlp.experts.{self._load_mxfp4(layer, part, *pair)}")
+            return True
         if name.endswith(".self_attn.sinks"):
             heads = self.layers[int(name.split(".")[1])].self_attn.heads
             self.get_parameter(name).data.copy_(tensor[heads.start : heads.stop])
@@ -85,3 +102,16 @@ class GptOssForCausalLM(MoeForCausalLM):
             return False
         loaded.add(name)
         return True
+
+    def _load_mxfp4(self, layer: int, part: str, blocks: torch.Tensor, scales: torch.Tensor) -> str:
+        """One layer's MXFP4 experts, dequantized an expert at a time (a whole layer's
+        gate_up in float32 is 2 GB for gpt-oss-20b); returns the parameter they went into."""
+        experts = self.layers[layer].mlp.experts
+        for e in range(blocks.shape[0]):
+            w = dequantize_mxfp4(blocks[e], scales[e], torch.float32)  # [out, in]
+            if part == "down_proj":
+                param = experts.load_expert("down", e, w)
+            else:  # rows interleaved: even gate, odd up
+                experts.load_expert("gate", e, w[0::2])
+                param = experts.load_expert("up", e, w[1::2])
+        return param
