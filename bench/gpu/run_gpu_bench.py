@@ -1,4 +1,5 @@
-"""One call on a GPU machine: the `gpu` tests, then ShareGPT against our server on a
+"""One call on a GPU machine: the `gpu` tests, the expert layer's grouped GEMM against its
+loop (moe_grouped.py, seconds), then ShareGPT against our server on a
 random-weight model of Llama-3-8B's shape; figures and logs go to $OUT (what the device tool
 brings back) or, without it, bench/results/gpu-<date>/.
 
@@ -6,7 +7,7 @@ First, where there is network: `.venv/bin/python bench/gpu/prepare.py` (fills .g
 on the GPU machine, with .gpu carried (the device tool: carry=[".gpu"], timeout_s=600):
 
     python3 bench/gpu/run_gpu_bench.py                # install, gpu tests, benchmark
-    python3 bench/gpu/run_gpu_bench.py tests          # or one phase (install always runs)
+    python3 bench/gpu/run_gpu_bench.py tests,moe      # or some phases (install always runs)
 
 Phases stop at --budget-s (default 560 s) so that what finished still comes back: the tests
 need FlashInfer's first JIT build (one prefill and one decode module for float16 and head
@@ -149,7 +150,7 @@ def versions(env) -> dict[str, str]:
 def run_tests(env, out_dir: Path, budget: float, reserve: float) -> str:
     log_path = out_dir / "gpu-tests.log"
     cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-m", "gpu", "-p", "no:cacheprovider"]
-    cmd += ["tests/server/test_gpu_paths.py"]
+    cmd += ["tests/server/test_gpu_paths.py", "tests/server/test_moe_layer.py"]
     rc = sh(cmd, out=log_path, timeout=max(left(budget) - reserve, 30), env=env)
     tail = log_path.read_text().strip().splitlines()[-1:] if log_path.exists() else []
     summary = f"exit {rc}: {tail[0] if tail else 'no output'}"
@@ -291,7 +292,7 @@ def write_report(out_dir: Path, stem: str, info: dict, tests: str, notes, comman
 
 def main() -> int:
     ap = argparse.ArgumentParser(description="gpu tests and the GPU benchmark, in one call")
-    ap.add_argument("phases", nargs="?", default="tests,bench", help="tests, bench or both")
+    ap.add_argument("phases", nargs="?", default="tests,moe,bench", help="tests, moe, bench")
     ap.add_argument("--budget-s", type=float, default=560.0)
     args = ap.parse_args()
     if args.phases == "random-model":
@@ -310,6 +311,9 @@ def main() -> int:
     if "tests" in phases:
         reserve = BENCH_MIN_S if "bench" in phases else 0
         tests = run_tests(env, out_dir, args.budget_s, reserve)
+    if "moe" in phases:  # seconds: the expert layer's grouped GEMM against its loop
+        rc = sh([sys.executable, "bench/gpu/moe_grouped.py", "--out", str(out_dir)], env=env)
+        notes.append(f"moe_grouped.py: exit {rc} (moe-grouped.md)")
     if "bench" in phases:
         if left(args.budget_s) < BENCH_MIN_S / 2:
             notes.append("benchmark skipped: out of time (run the `bench` phase alone)")

@@ -9,6 +9,16 @@ The experts run grouped: the step's (token, expert) pairs are sorted by expert, 
 expert that received any token runs once over all of its tokens (two matmuls), never token
 by token. The weighted outputs are summed back per token with one index_add.
 
+Two ways to run the sorted rows through the experts:
+- `_experts_looped` (the CPU, and any case below): one F.linear pair per expert that got
+  rows, which reads the per-expert counts on the host.
+- `_experts_grouped` (CUDA, bfloat16, compute capability 8.0+, rows 16-byte aligned):
+  torch's own grouped GEMM, `torch.nn.functional.grouped_mm` (in the torch wheel,
+  maintained in PyTorch, no build of ours; a torch without it runs the loop): two
+  launches per layer whatever the number of experts, offsets kept on the device. Checked against the looped
+  path on the CPU (grouped_mm's CPU fallback, tests/server/test_moe_layer.py); on a GPU
+  by bench/gpu/moe_grouped.py, NOT yet run on hardware.
+
 Under tensor parallelism each expert's intermediate dimension is split (as a dense MLP's
 is): every rank holds all experts with its columns of gate/up and the matching input
 columns of down, the router is replicated, and one all-reduce per layer joins the partial
@@ -77,21 +87,55 @@ class FusedMoE(nn.Module):
         flat = ids.reshape(-1)
         order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
         tokens = order // top_k
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        grouped = x[tokens]
+        run = self._experts_grouped if self._grouped_mm_fits(x) else self._experts_looped
+        y = run(x[tokens], flat[order])
+        y = y * weights.reshape(-1)[order, None].to(x.dtype)
+        out = torch.zeros_like(x).index_add_(0, tokens, y)
+        return all_reduce(out)
+
+    def _grouped_mm_fits(self, x: torch.Tensor) -> bool:
+        """What torch's grouped GEMM takes on CUDA: bfloat16 on compute capability 8.0+,
+        rows of both weights a multiple of 16 bytes."""
+        if not (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(F, "grouped_mm")):
+            return False
+        aligned = all(n % 8 == 0 for n in (*self.w13.shape[1:], self.w2.shape[2]))
+        return aligned and torch.cuda.get_device_capability(x.device) >= (8, 0)
+
+    def _down_bias(self) -> torch.Tensor | None:
+        """gpt-oss's down bias, on rank 0 only: the all-reduce then counts it once."""
+        return self.b2 if self.b2 is not None and tp_rank() == 0 else None
+
+    def _experts_looped(self, rows: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """rows [N, H] sorted by their expert ids `experts` [N] -> [N, H]: two matmuls
+        per expert that got rows."""
+        counts = torch.bincount(experts, minlength=self.num_experts).tolist()
         outs = []
         start = 0
-        down_bias = self.b2 is not None and tp_rank() == 0
+        down_bias = self._down_bias()
         for e, n in enumerate(counts):
             if n == 0:
                 continue
-            rows = grouped[start : start + n]
-            h = F.linear(rows, self.w13[e], None if self.b13 is None else self.b13[e])
-            outs.append(F.linear(self.activation(h), self.w2[e], self.b2[e] if down_bias else None))
+            h = F.linear(
+                rows[start : start + n], self.w13[e], None if self.b13 is None else self.b13[e]
+            )
+            outs.append(
+                F.linear(
+                    self.activation(h), self.w2[e], None if down_bias is None else down_bias[e]
+                )
+            )
             start += n
-        y = torch.cat(outs) * weights.reshape(-1)[order, None].to(x.dtype)
-        out = torch.zeros_like(x).index_add_(0, tokens, y)
-        return all_reduce(out)
+        return torch.cat(outs)
+
+    def _experts_grouped(self, rows: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """As `_experts_looped`, in two grouped GEMMs; offsets stay on the device."""
+        counts = torch.bincount(experts, minlength=self.num_experts)
+        offs = counts.cumsum(0).to(torch.int32)
+        h = F.grouped_mm(rows, self.w13.mT, offs=offs)
+        if self.b13 is not None:
+            h = h + self.b13[experts]
+        y = F.grouped_mm(self.activation(h), self.w2.mT, offs=offs)
+        down_bias = self._down_bias()
+        return y if down_bias is None else y + down_bias[experts]
 
     def load_expert(self, name: str, expert: int | None, tensor: torch.Tensor) -> str:
         """Copy in one checkpoint tensor, keeping this rank's columns; returns the parameter
