@@ -91,8 +91,18 @@ class ServerArgs:
     disable_radix_cache: bool = _f(False, "turn prefix reuse off")
     speculative_algorithm: str | None = _f(
         None,
-        "speculative decoding: NGRAM drafts from the prompt and output so far (prompt lookup)",
-        ("NGRAM",),
+        "speculative decoding: NGRAM drafts from the prompt and output so far (prompt "
+        "lookup); STANDALONE drafts with a smaller model of the same tokenizer "
+        "(--speculative-draft-model-path)",
+        ("NGRAM", "STANDALONE"),
+    )
+    speculative_draft_model_path: str | None = _f(
+        None, "STANDALONE's draft model: a .gguf file or a Hugging Face folder"
+    )
+    speculative_draft_model_quantization: str = _f(
+        "auto",
+        "the draft model's CPU quantization, as --quantization (its dtype is --dtype's)",
+        ("auto", "none", "int4", "int8"),
     )
     speculative_num_draft_tokens: int = _f(4, "tokens drafted per request and step")
     speculative_ngram_min_match_window_size: int = _f(1, "shortest suffix NGRAM looks up")
@@ -187,6 +197,7 @@ class ServerArgs:
                 "--speculative-ngram-max-match-window-size must be at least "
                 "--speculative-ngram-min-match-window-size"
             )
+        self._check_speculative()
         if self.max_queued_requests is not None and self.max_queued_requests < 0:
             raise ValueError("--max-queued-requests must be at least 0")
         if self.max_queued_tokens is not None and self.max_queued_tokens < 1:
@@ -219,6 +230,25 @@ class ServerArgs:
         if not 0 < self.port < 65536:
             raise ValueError("--port must be between 1 and 65535")
         self._check_lora()
+
+    def _check_speculative(self) -> None:
+        standalone = self.speculative_algorithm == "STANDALONE"
+        if standalone and not self.speculative_draft_model_path:
+            raise ValueError(
+                "--speculative-algorithm STANDALONE needs --speculative-draft-model-path"
+            )
+        if self.speculative_draft_model_path and not standalone:
+            raise ValueError(
+                "--speculative-draft-model-path is read only with "
+                "--speculative-algorithm STANDALONE"
+            )
+        if standalone and self.tp_size > 1:
+            raise ValueError(
+                "--speculative-algorithm STANDALONE runs with --tp-size 1 only (the draft "
+                "model is not sharded)"
+            )
+        if self.speculative_algorithm is not None and self.is_embedding:
+            raise ValueError("--speculative-algorithm serves generation models, not --is-embedding")
 
     def _check_lora(self) -> None:
         if self.lora_paths:

@@ -1,5 +1,7 @@
-"""Speculative decoding (n-gram) changes speed, not outputs: the scheduler in-process,
-float32, with and without --speculative-algorithm NGRAM on the same requests."""
+"""Speculative decoding changes speed, not outputs: the scheduler in-process, float32, with
+and without --speculative-algorithm NGRAM / STANDALONE on the same requests. The draft
+models: the default model itself (drafts mostly accepted) and a tiny random model of the
+same vocabulary (drafts mostly rejected)."""
 
 from __future__ import annotations
 
@@ -13,9 +15,11 @@ from radixserve.engine.io_struct import TokenizedGenerateReq
 from radixserve.engine.model_runner import ModelRunner
 from radixserve.engine.sampling_params import SamplingParams
 from radixserve.engine.scheduler import Scheduler
-from radixserve.engine.speculative import NgramProposer
+from radixserve.engine.speculative import NgramProposer, build_draft_runner, cut_by_grammar
 from radixserve.layers.attention import KVPool
 from radixserve.models.loader import load_tokenizer
+
+from tests.server.tiny_models import tiny_qwen3
 
 NGRAM = {"speculative_algorithm": "NGRAM", "speculative_max_batch_size": 64}
 REPETITIVE = [
@@ -34,14 +38,56 @@ def env():
     return runner, tok, eos_token_ids(runner.config, tok, runner.source.folder)
 
 
-def make(env, pool_size: int = 8192, **overrides) -> Scheduler:
-    runner, tok, eos = env
+@pytest.fixture(scope="module")
+def drafts(env, tmp_path_factory) -> dict[str, ModelRunner]:
+    target = env[0]
+    tiny = tiny_qwen3(
+        str(tmp_path_factory.mktemp("draft")),
+        heads=4,
+        kv_heads=2,
+        head_dim=16,
+        hidden_size=64,
+        intermediate_size=128,
+        vocab_size=target.vocab_size,
+    )
+    out = {}
+    for name, path in (("same", target.source.path), ("tiny", tiny)):
+        args = ServerArgs(
+            dtype="float32",
+            device="cpu",
+            max_total_tokens=8192,
+            speculative_algorithm="STANDALONE",
+            speculative_draft_model_path=path,
+        )
+        out[name] = build_draft_runner(args, target)
+    return out
+
+
+def fresh_pool(runner: ModelRunner, size: int) -> None:
     cfg = runner.config
     runner.pool = KVPool(
-        cfg.num_hidden_layers, runner.num_kv_heads, runner.head_dim, pool_size, runner.dtype, "cpu"
+        cfg.num_hidden_layers, runner.num_kv_heads, runner.head_dim, size, runner.dtype, "cpu"
     )
+
+
+def make(env, pool_size: int = 8192, draft: ModelRunner | None = None, **overrides) -> Scheduler:
+    runner, tok, eos = env
+    fresh_pool(runner, pool_size)
+    if draft is not None:
+        fresh_pool(draft, pool_size)
+        overrides = {
+            "speculative_algorithm": "STANDALONE",
+            "speculative_draft_model_path": draft.source.path,
+            "speculative_max_batch_size": 64,
+            **overrides,
+        }
     args = ServerArgs(dtype="float32", device="cpu", max_total_tokens=pool_size, **overrides)
-    return Scheduler(args, runner, tok, eos)
+    return Scheduler(args, runner, tok, eos, draft_runner=draft)
+
+
+def draft_pool_is_free(sched: Scheduler) -> bool:
+    pool = sched.spec.proposer.pool
+    return pool.available() == pool.size
 
 
 def prompts(env) -> list[list[int]]:
@@ -77,19 +123,34 @@ def test_ngram_proposer_continues_the_latest_match():
     assert p.propose([4, 4, 4], 5) == [4]  # what follows the match, as far as it goes
 
 
-def test_greedy_outputs_are_identical_with_and_without_speculation(env):
-    """Repetitive text (drafts accepted) and chat (mostly rejected), in one batch with a
-    request speculation skips (penalties) and one with logprobs, with stop strings and
-    max_tokens."""
+@pytest.fixture(scope="module")
+def greedy_case(env):
+    """Repetitive text (drafts accepted) and chat (mostly rejected), in one batch with
+    penalties, stop strings, max_tokens, min_tokens, logit bias and logprobs; and the
+    outputs without speculation."""
     greedy = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
     reqs = [(p, greedy) for p in prompts(env)]
     reqs.append((reqs[0][0], SamplingParams(max_new_tokens=7, temperature=0, ignore_eos=True)))
     reqs.append((reqs[1][0], SamplingParams(max_new_tokens=40, temperature=0, stop=["sub"])))
     reqs.append((reqs[2][0], SamplingParams(max_new_tokens=20, temperature=0, presence_penalty=1)))
+    reqs.append(
+        (reqs[0][0], SamplingParams(max_new_tokens=20, temperature=0, frequency_penalty=0.3))
+    )
+    # min_tokens bans the end tokens for 12 tokens; the bias pushes one token up
+    banana = env[1].encode(" banana")[0]
+    reqs.append(
+        (
+            reqs[3][0],
+            SamplingParams(
+                max_new_tokens=24, temperature=0, min_new_tokens=12, logit_bias={banana: 4}
+            ),
+        )
+    )
     reqs.append((reqs[0][0], SamplingParams(max_new_tokens=20, temperature=0.5, top_k=1)))
-    plain = run(make(env), reqs)
-    sched = make(env, **NGRAM)
-    spec = run(sched, reqs)
+    return reqs, run(make(env), reqs)
+
+
+def check_identical(spec: list[dict], plain: list[dict]) -> None:
     assert [r["ids"] for r in spec] == [r["ids"] for r in plain]
     assert [r["finish"] for r in spec] == [r["finish"] for r in plain]
     assert len(spec[5]["ids"]) == 7 and spec[6]["finish"].matched == "sub"
@@ -98,11 +159,83 @@ def test_greedy_outputs_are_identical_with_and_without_speculation(env):
     assert len(spec[-1]["lps"]) == 20
     for (a, alts_a), (b, alts_b) in zip(spec[-1]["lps"], plain[-1]["lps"], strict=True):
         assert abs(a - b) < 1e-4 and alts_a == alts_b
+
+
+def test_greedy_outputs_are_identical_with_and_without_speculation(env, greedy_case):
+    reqs, plain = greedy_case
+    sched = make(env, **NGRAM)
+    spec = run(sched, reqs)
+    check_identical(spec, plain)
     s = sched.stats
     assert s.spec_accepted_tokens > 20  # the repetitive prompts really were speculated
     assert s.spec_draft_tokens > s.spec_accepted_tokens  # and some drafts were rejected
     # fewer forward steps than tokens: that is the point
     assert s.forward_steps < sum(len(r["ids"]) for r in spec)
+
+
+@pytest.mark.parametrize("which", ["same", "tiny"])
+def test_draft_model_outputs_are_identical(env, drafts, greedy_case, which):
+    """STANDALONE: drafts from a second model, verified the same way. With the model itself
+    as its draft nearly every draft is accepted; with a random tiny model nearly none, and
+    the per-request backoff stops drafting. The draft pool is empty afterwards."""
+    reqs, plain = greedy_case
+    sched = make(env, draft=drafts[which])
+    spec = run(sched, reqs)
+    check_identical(spec, plain)
+    s = sched.stats
+    assert draft_pool_is_free(sched)
+    assert s.spec_rounds > 0
+    if which == "same":
+        assert s.spec_accepted_tokens > 0.9 * s.spec_draft_tokens
+        assert s.forward_steps * 2 < sum(len(r["ids"]) for r in spec)
+    else:
+        assert s.spec_accepted_tokens < 0.2 * s.spec_draft_tokens
+
+
+def test_grammar_masks_drafted_positions(env, drafts):
+    """A JSON-schema request whose output repeats itself is speculated (n-gram and draft
+    model): every drafted position is masked by the grammar in the state its drafts lead to,
+    and the output is the plain one, valid JSON."""
+    import json
+
+    tok = env[1]
+    schema = json.dumps(
+        {
+            "type": "object",
+            "properties": {
+                "fruits": {
+                    "type": "array",
+                    "items": {"enum": ["apple", "banana", "cherry"]},
+                    "minItems": 9,
+                    "maxItems": 9,
+                }
+            },
+            "required": ["fruits"],
+        }
+    )
+    prompt = tok.encode("List nine fruits as JSON: apple, banana, cherry, apple, banana, cherry,")
+    p = SamplingParams(max_new_tokens=80, temperature=0, json_schema=schema)
+    plain = run(make(env), [(prompt, p)])
+    text = tok.decode(plain[0]["ids"], skip_special_tokens=True)
+    assert len(json.loads(text)["fruits"]) == 9
+    for sched in (make(env, **NGRAM), make(env, draft=drafts["same"])):
+        spec = run(sched, [(prompt, p)])
+        assert spec[0]["ids"] == plain[0]["ids"]
+        assert sched.stats.spec_accepted_tokens > 5
+
+
+def test_grammar_cuts_a_draft_at_the_first_forbidden_token(env):
+    sched = make(env)
+    tok = env[1]
+    compiled = sched.grammar_backend().submit("regex", "[0-9]{1,6}").result()
+    row = type("Row", (), {})()
+    row.grammar = sched.grammar_backend().matcher(compiled)
+    digits = [tok.encode(d)[0] for d in "123"]
+    drafts = digits + tok.encode(" apple")
+    assert cut_by_grammar(row, drafts) == digits
+    # the matcher is where it was: the same cut again, and the digits are still allowed
+    assert cut_by_grammar(row, drafts) == digits
+    assert row.grammar.accept_token(digits[0])
 
 
 def chi_square_p(a: Counter, b: Counter) -> float:
@@ -120,26 +253,37 @@ def chi_square_p(a: Counter, b: Counter) -> float:
     return torch.special.gammaincc(torch.tensor(df / 2.0), stat / 2).item()
 
 
-def test_sampled_outputs_keep_the_target_distribution(env):
+SAMPLED = SamplingParams(max_new_tokens=3, temperature=1.0, top_k=4, ignore_eos=True)
+N_SAMPLES = 600
+
+
+@pytest.fixture(scope="module")
+def sampled_plain(env) -> list[dict]:
+    return run(make(env, random_seed=1), [(prompts(env)[2], SAMPLED)] * N_SAMPLES)
+
+
+@pytest.mark.parametrize("algorithm", ["NGRAM", "STANDALONE"])
+def test_sampled_outputs_keep_the_target_distribution(env, drafts, sampled_plain, algorithm):
     """600 unseeded samples of tokens 2-3 after a repetitive prompt (drafted and verified by
     the rejection rule) against 600 without speculation: the same distribution."""
-    prompt = prompts(env)[2]
-    p = SamplingParams(max_new_tokens=3, temperature=1.0, top_k=4, ignore_eos=True)
-    n = 600
-    plain = run(make(env, random_seed=1), [(prompt, p)] * n)
-    sched = make(env, random_seed=2, **{**NGRAM, "speculative_max_batch_size": n})
-    spec = run(sched, [(prompt, p)] * n)
+    n = N_SAMPLES
+    if algorithm == "NGRAM":
+        sched = make(env, random_seed=2, **{**NGRAM, "speculative_max_batch_size": n})
+    else:
+        sched = make(env, draft=drafts["same"], random_seed=2, speculative_max_batch_size=n)
+    spec = run(sched, [(prompts(env)[2], SAMPLED)] * n)
     assert sched.stats.spec_draft_tokens > 0
     assert 0 < sched.stats.spec_accepted_tokens < sched.stats.spec_draft_tokens
     for pos in (slice(0, 2), slice(1, 3)):  # (token 1, 2) and (token 2, 3) pairs
-        a = Counter(tuple(r["ids"][pos]) for r in plain)
+        a = Counter(tuple(r["ids"][pos]) for r in sampled_plain)
         b = Counter(tuple(r["ids"][pos]) for r in spec)
         assert chi_square_p(a, b) > 1e-3, (a.most_common(6), b.most_common(6))
 
 
-def test_abort_mid_verification_frees_every_slot(env):
+@pytest.mark.parametrize("algorithm", ["NGRAM", "STANDALONE"])
+def test_abort_mid_verification_frees_every_slot(env, drafts, algorithm):
     tok = env[1]
-    sched = make(env, **NGRAM)
+    sched = make(env, **NGRAM) if algorithm == "NGRAM" else make(env, draft=drafts["same"])
     greedy = SamplingParams(max_new_tokens=200, temperature=0, ignore_eos=True)
     for i, text in enumerate(REPETITIVE):
         sched.add_request(TokenizedGenerateReq(f"a{i}", tok.encode(text), greedy))
@@ -151,3 +295,35 @@ def test_abort_mid_verification_frees_every_slot(env):
         sched.step()
     assert sched.pool.available() + sched.cache.evictable_size == sched.pool.size
     assert sched.cache.protected_size == 0
+    if algorithm == "STANDALONE":
+        assert draft_pool_is_free(sched)
+
+
+def test_standalone_flags_are_checked(env, drafts):
+    with pytest.raises(ValueError, match="needs --speculative-draft-model-path"):
+        ServerArgs(speculative_algorithm="STANDALONE")
+    with pytest.raises(ValueError, match="read only with"):
+        ServerArgs(speculative_draft_model_path="/x.gguf")
+    with pytest.raises(ValueError, match="--tp-size 1 only"):
+        ServerArgs(
+            speculative_algorithm="STANDALONE",
+            speculative_draft_model_path="/x.gguf",
+            tp_size=2,
+            dist_init_addr="127.0.0.1:1234",
+        )
+    # a draft of another vocabulary is refused with both sizes named
+    runner = env[0]
+    other = drafts["tiny"]
+    other.vocab_size, saved = other.vocab_size + 1, other.vocab_size
+    try:
+        with pytest.raises(ValueError, match=f"{saved + 1} tokens, the target's {saved}"):
+            from radixserve.engine.speculative import check_draft_vocab
+
+            check_draft_vocab(other, runner)
+    finally:
+        other.vocab_size = saved
+    # /server_info's description names the draft model and its path
+    sched = make(env, draft=drafts["same"])
+    info = sched.spec.describe(sched.args)
+    assert info["algorithm"] == "STANDALONE" and info["draft_model"] == runner.source.path
+    assert info["draft_kv_tokens"] == sched.spec.proposer.pool.size

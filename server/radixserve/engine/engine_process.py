@@ -114,6 +114,7 @@ class GenerationWorker:
             quantization=runner.quantization,
             cpu_path=runner.cpu_path.to_dict() if runner.cpu_path else None,
             lora_adapters=runner.lora.loaded() if runner.lora is not None else None,
+            speculative=self.scheduler.spec.describe(args) if self.scheduler.spec else None,
         )
 
     @property

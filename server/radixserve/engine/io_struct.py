@@ -236,6 +236,7 @@ class EngineReady:
     quantization: str = "none"
     cpu_path: dict[str, str] | None = None  # the CPU class, the path chosen and why
     lora_adapters: dict[str, str] | None = None  # name -> source; None: LoRA is off
+    speculative: dict[str, object] | None = None  # the algorithm and its draft model, if any
 
 
 @dataclass

@@ -39,7 +39,13 @@ from radixserve.engine.lora import LoraError
 from radixserve.engine.model_runner import ModelRunner
 from radixserve.engine.radix_cache import NoPrefixCache, RadixCache, TreeNode
 from radixserve.engine.sampler import SamplingRow, sample, token_logprobs
-from radixserve.engine.speculative import SpecState, Speculation, verify
+from radixserve.engine.speculative import (
+    SpecState,
+    Speculation,
+    build_draft_runner,
+    cut_by_grammar,
+    verify,
+)
 from radixserve.layers.attention import ForwardBatch
 
 logger = logging.getLogger(__name__)
@@ -132,7 +138,12 @@ class Scheduler:
 
     # ---- state: the queues, and requests in and out --------------------------------------
     def __init__(
-        self, args: ServerArgs, runner: ModelRunner, tokenizer, eos_ids: list[int]
+        self,
+        args: ServerArgs,
+        runner: ModelRunner,
+        tokenizer,
+        eos_ids: list[int],
+        draft_runner: ModelRunner | None = None,
     ) -> None:
         self.args = args
         self.runner = runner
@@ -156,12 +167,15 @@ class Scheduler:
         self.pending_unloads: list[UnloadLoraReq] = []  # waiting for their requests to end
         self.grammar_wait: list[tuple[Req, Future]] = []  # compiling off the loop
         self.spec: Speculation | None = None
-        if args.speculative_algorithm == "NGRAM":
+        if args.speculative_algorithm is not None:
+            if args.speculative_algorithm == "STANDALONE" and draft_runner is None:
+                draft_runner = build_draft_runner(args, runner)
             self.spec = Speculation(
                 args.speculative_num_draft_tokens,
                 args.speculative_ngram_min_match_window_size,
                 args.speculative_ngram_max_match_window_size,
                 args.speculative_max_batch_size,
+                draft_runner if args.speculative_algorithm == "STANDALONE" else None,
             )
         self._grammar_backend = None
 
@@ -484,6 +498,8 @@ class Scheduler:
     def _propose(self, decode: list[Req]) -> None:
         """Drafts for the decoding requests that speculation serves, each with KV slots for
         its drafts (none when the pool is short: it then decodes one token)."""
+        picked: list[Req] = []
+        rooms: list[int] = []
         for r in decode:
             if not self.spec.eligible(r.row):
                 continue
@@ -495,11 +511,21 @@ class Scheduler:
                 r.params.max_new_tokens - len(r.output_ids) - 1,
                 self.runner.context_length - len(r.fill_ids) - 1,
             )
-            drafts = self.spec.proposer.propose(r.fill_ids, room)
+            if room > 0:
+                picked.append(r)
+                rooms.append(room)
+        if not picked:
+            return
+        seqs = [r.fill_ids for r in picked]
+        proposals = self.spec.propose(seqs, [r.spec for r in picked], rooms)
+        for r, seq, drafts in zip(picked, seqs, proposals, strict=True):
+            drafts = cut_by_grammar(r.row, drafts)
             new = self._alloc(len(drafts)) if drafts else None
             if new is not None:
                 r.slots = torch.cat([r.slots, new])
                 r.spec.drafts = drafts
+            else:  # nothing to verify: the draft model keeps only the sequence's KV
+                self.spec.proposer.commit(r.spec, len(seq), 0)
 
     def _drop_drafts(self, reqs: list[Req]) -> None:
         for r in reqs:
@@ -507,6 +533,12 @@ class Scheduler:
                 self.pool.free(r.slots[-len(r.spec.drafts) :])
                 r.slots = r.slots[: -len(r.spec.drafts)]
                 r.spec.drafts = []
+                self.spec.proposer.commit(r.spec, len(r.fill_ids), 0)
+
+    def _release_draft(self, req: Req) -> None:
+        """A request leaving the batch (finished or retracted) gives its draft KV back."""
+        if req.spec is not None and self.spec is not None:
+            self.spec.proposer.release(req.spec)
 
     def _retraction_order(self, reqs) -> list[Req]:
         """Memory shortage retracts from the end of this list: the newest requests, of the
@@ -516,6 +548,7 @@ class Scheduler:
 
     def _retract(self, req: Req) -> None:
         self.running.remove(req)
+        self._release_draft(req)
         self.cache.cache_finished(req)
         self._release_lora(req)
         self.waiting.appendleft(req)
@@ -649,25 +682,31 @@ class Scheduler:
             drafts, req.spec.drafts = req.spec.drafts, []
             n = len(drafts) + 1
             rows = logits[at : at + n]
-            tokens, accepted = verify(rows, req.row, drafts, self.shared_gen)
+            tokens, accepted, shaped = verify(rows, req.row, drafts, self.shared_gen)
             at += n
             self.spec.record(req.spec, len(drafts), accepted)
             self.stats.spec_draft_tokens += len(drafts)
             self.stats.spec_accepted_tokens += accepted
             self.stats.spec_rounds += 1
             base = len(req.fill_ids)  # the last token's position + 1: its KV is written now
+            self.spec.proposer.commit(req.spec, base, accepted)
             reason = None
             emitted = 0
+            grammar = req.row.grammar
             for tok in tokens:
                 req.output_ids.append(tok)
                 emitted += 1
                 self.stats.generation_tokens += 1
                 reason = self._check_finished(req, tok)
+                if grammar is not None and reason is None:
+                    grammar.accept_token(tok)
+                    if grammar.is_terminated():
+                        reason = FinishStop(tok)
                 if reason is not None:
                     break
             if req.row.return_logprob:  # each emitted token's, from the row that chose it
                 top_n = req.row.top_logprobs_num
-                req.logprobs += token_logprobs(rows[:emitted], tokens[:emitted], top_n)
+                req.logprobs += token_logprobs(shaped[:emitted], tokens[:emitted], top_n)
             keep = base + min(emitted, accepted)  # positions whose KV holds accepted tokens
             self.pool.free(req.slots[keep:])
             req.slots = req.slots[:keep]
@@ -782,6 +821,7 @@ class Scheduler:
 
     def _finish(self, req: Req, reason: FinishReason) -> None:
         req.finished_reason = reason
+        self._release_draft(req)
         if req.slots.numel():
             self.cache.cache_finished(req)
         if req.lora_name is not None:
