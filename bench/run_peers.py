@@ -261,6 +261,24 @@ def setup_radixserve_ngram(port: int, max_conc: int, threads: int) -> Peer:
     return peer
 
 
+def setup_radixserve_fp32(port: int, max_conc: int, threads: int) -> Peer:
+    """radixserve's exact mode (float32, no quantization): the baseline of the draft peer."""
+    peer = setup_radixserve(port, max_conc, threads, name="radixserve-fp32")
+    peer.command += ["--dtype", "float32", "--quantization", "none"]
+    return peer
+
+
+def setup_radixserve_fp32_draft(port: int, max_conc: int, threads: int) -> Peer:
+    """The exact mode with a draft model (STANDALONE): the same GGUF with int4 weights drafts,
+    the float32 model verifies, so outputs stay the exact mode's."""
+    peer = setup_radixserve_fp32(port, max_conc, threads)
+    peer.name = "radixserve-fp32-draft"
+    peer.command += ["--speculative-algorithm", "STANDALONE"]
+    peer.command += ["--speculative-draft-model-path", model_gguf()]
+    peer.command += ["--speculative-draft-model-quantization", "int4"]
+    return peer
+
+
 def setup_llamacpp_ngram(port: int, max_conc: int, threads: int) -> Peer:
     """llama-server with its own n-gram speculation (ngram-simple, its defaults)."""
     peer = setup_llamacpp(port, max_conc, threads)
@@ -276,6 +294,8 @@ SETUPS = {
     "transformers": setup_transformers,
     "radixserve-ngram": setup_radixserve_ngram,
     "llama.cpp-ngram": setup_llamacpp_ngram,
+    "radixserve-fp32": setup_radixserve_fp32,
+    "radixserve-fp32-draft": setup_radixserve_fp32_draft,
 }
 # `make bench` runs these unless --peers names others (the speculative ones are opt-in)
 DEFAULT_PEERS = ["radixserve", "radixserve-no-cache", "llama.cpp", "transformers"]
@@ -412,6 +432,7 @@ def run_peer(
     log = open(log_dir / f"{peer.name}.log", "w")  # noqa: SIM115 - closed below
     print(f"\n=== {peer.name}: {shlex.join(peer.command)}", flush=True)
     server_env = os.environ | ISA_ENV[ISA[0]]
+    SPEC_SEEN[:] = [0, 0, 0]  # a new server's counters start at zero
     proc = subprocess.Popen(
         peer.command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=server_env
     )
@@ -463,7 +484,8 @@ def run_peer(
             )
             if rc != 0:
                 peer.notes.append(f"{what}: `radixserve bench` exited {rc}")
-            spec = speculation(port) if peer.name == "radixserve-ngram" else None
+            speculates = peer.name in ("radixserve-ngram", "radixserve-fp32-draft")
+            spec = speculation(port) if speculates else None
             if spec is not None:
                 drafted, accepted, rounds = (s - b for s, b in zip(spec, SPEC_SEEN, strict=True))
                 SPEC_SEEN[:] = spec
