@@ -192,6 +192,18 @@ def test_draft_model_outputs_are_identical(env, drafts, greedy_case, which):
         assert s.spec_accepted_tokens < 0.2 * s.spec_draft_tokens
 
 
+def test_draft_model_catches_up_long_prompts_in_chunks(env, drafts, greedy_case):
+    """With chunked prefill the draft model's catch-up of a prompt goes a chunk a step too
+    (no single huge extend); drafting starts once it has caught up."""
+    reqs, plain = greedy_case
+    sched = make(env, draft=drafts["same"], chunked_prefill_size=8)
+    assert max(len(ids) for ids, _ in reqs[:5]) > 3 * 8
+    spec = run(sched, reqs[:5])
+    assert [r["ids"] for r in spec] == [r["ids"] for r in plain[:5]]
+    assert sched.stats.spec_accepted_tokens > 0.9 * sched.stats.spec_draft_tokens > 0
+    assert draft_pool_is_free(sched)
+
+
 def test_grammar_masks_drafted_positions(env, drafts):
     """A JSON-schema request whose output repeats itself is speculated (n-gram and draft
     model): every drafted position is masked by the grammar in the state its drafts lead to,

@@ -176,6 +176,7 @@ class Scheduler:
                 args.speculative_ngram_max_match_window_size,
                 args.speculative_max_batch_size,
                 draft_runner if args.speculative_algorithm == "STANDALONE" else None,
+                self.chunk_size,
             )
         self._grammar_backend = None
 

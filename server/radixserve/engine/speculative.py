@@ -107,9 +107,10 @@ class DraftModelProposer:
     has); the rest is freed after verification. A request that is retracted or finishes
     gives all of it back; one that the pool cannot hold simply does not draft."""
 
-    def __init__(self, runner: ModelRunner) -> None:
+    def __init__(self, runner: ModelRunner, chunk: int) -> None:
         self.runner = runner
         self.pool = runner.pool
+        self.chunk = chunk  # most tokens of one request's catch-up per step
 
     def propose_batch(
         self, seqs: list[list[int]], states: list[SpecState], rooms: list[int]
@@ -124,7 +125,8 @@ class DraftModelProposer:
             if have >= len(ids):  # never expected: the sequence lost tokens; start over
                 self.release(st)
                 have = 0
-            new = self.pool.alloc(len(ids) - have)
+            # a long prompt catches up a chunk a step, as the target's prefill does
+            new = self.pool.alloc(min(len(ids) - have, self.chunk))
             if new is None:
                 self.release(st)  # what it held goes to the others; it decodes plainly
                 continue
@@ -138,14 +140,18 @@ class DraftModelProposer:
         # the catch-up extend: each request's tokens the draft KV does not hold yet
         ids_flat: list[int] = []
         pos: list[int] = []
-        prefix, extend = [], []
+        prefix, extend, rows = [], [], []
+        done: list[int] = []  # caught up: these draft this step
         for i, new in zip(live, new_slots, strict=True):
-            n, have = len(seqs[i]), len(seqs[i]) - new.numel()
-            ids_flat += seqs[i][have:]
-            pos += range(have, n)
+            end = states[i].draft_slots.numel()
+            have = end - new.numel()
+            ids_flat += seqs[i][have:end]
+            pos += range(have, end)
             prefix.append(have)
-            extend.append(n - have)
-        rows = torch.tensor(extend, dtype=torch.int64).cumsum(0) - 1
+            extend.append(end - have)
+            if end == len(seqs[i]):
+                done.append(i)
+                rows.append(len(ids_flat) - 1)
         batch = ForwardBatch(
             input_ids=torch.tensor(ids_flat, dtype=torch.int64, device=device),
             positions=torch.tensor(pos, dtype=torch.int64, device=device),
@@ -157,9 +163,11 @@ class DraftModelProposer:
             extend_lens=extend,
             req_slots=[states[i].draft_slots for i in live],
         )
-        tokens = self.runner.forward(batch, rows.to(device)).argmax(-1).tolist()
-        for i, t in zip(live, tokens, strict=True):
+        rows_t = torch.tensor(rows, dtype=torch.int64, device=device)
+        tokens = self.runner.forward(batch, rows_t).argmax(-1).tolist()
+        for i, t in zip(done, tokens, strict=True):
             drafts[i].append(t)
+        live = done
         # then one decode forward per further position, for those with room left
         step = 1
         while True:
@@ -256,13 +264,14 @@ class Speculation:
         max_n: int,
         max_batch: int,
         draft_runner: ModelRunner | None = None,
+        chunk: int = 2048,
     ) -> None:
         self.k = num_draft_tokens
         self.max_batch = max_batch
         self.proposer: NgramProposer | DraftModelProposer = (
             NgramProposer(min_n, max_n)
             if draft_runner is None
-            else DraftModelProposer(draft_runner)
+            else DraftModelProposer(draft_runner, chunk)
         )
 
     def describe(self, args: ServerArgs) -> dict[str, object]:
