@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2000)
     ap.add_argument("--llama-server", default=None)
     ap.add_argument("--port", type=int, default=8093)
-    ap.add_argument("--isa", choices=["native", "avx2"], default="native")
+    ap.add_argument("--isa", choices=["native", "avx2", "avx512"], default="native")
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT / "bench"))
     import run_peers

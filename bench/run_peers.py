@@ -151,8 +151,9 @@ def setup_radixserve_no_cache(port: int, max_conc: int, threads: int) -> Peer:
     return peer
 
 
-# llama.cpp builds: native (-march=native, as a user would get) and one restricted to AVX2
-# (no AVX-512, no VNNI), so that an AVX-512 machine can measure the AVX2 class too.
+# llama.cpp builds: native (-march=native, as a user would get), one restricted to AVX2
+# (no AVX-512, no VNNI) and one to AVX-512 without bfloat16 or AMX (an Ice Lake), so that a
+# newer machine can measure the older classes too.
 # Tests, examples and the other tools are left out: only llama-server is needed.
 _LLAMACPP_COMMON = "-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF"
 LLAMACPP_BUILDS = {
@@ -162,6 +163,11 @@ LLAMACPP_BUILDS = {
     " -DGGML_BMI2=ON -DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF"
     " -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF"
     " -DGGML_AMX_BF16=OFF",
+    "avx512": _LLAMACPP_COMMON
+    + " -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+    " -DGGML_BMI2=ON -DGGML_AVX_VNNI=OFF -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON"
+    " -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF"
+    " -DGGML_AMX_BF16=OFF",
 }
 # the environment that restricts torch, oneDNN and MKL to one ISA (--isa)
 ISA_ENV = {
@@ -170,6 +176,12 @@ ISA_ENV = {
         "ATEN_CPU_CAPABILITY": "avx2",
         "ONEDNN_MAX_CPU_ISA": "AVX2",
         "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    },
+    # AVX-512 with VNNI, no bfloat16 and no AMX: radixserve's avx512 class
+    "avx512": {
+        "ATEN_CPU_CAPABILITY": "avx512",
+        "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX512",
     },
 }
 
@@ -748,7 +760,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=list(ISA_ENV),
         default="native",
         help="avx2: torch, oneDNN and MKL restricted to AVX2 and llama.cpp built without "
-        "AVX-512, so an AVX-512 machine measures the AVX2 class",
+        "AVX-512, so an AVX-512 machine measures the AVX2 class; avx512: AVX-512 (with VNNI) "
+        "without bfloat16 or AMX, the avx512 class, on a machine of the bf16 class",
     )
     p.add_argument("--gsp-groups", type=int, default=4, help="0 skips the shared-prefix run")
     p.add_argument("--gsp-prompts-per-group", type=int, default=8)

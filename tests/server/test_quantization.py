@@ -168,3 +168,28 @@ def test_default_model_answers_with_the_auto_path():
     assert runner.cpu_path is not None and runner.cpu_path.quantization == runner.quantization
     answer = greedy_answers(args, [FIXED_PROMPTS[0]], max_new_tokens=24, runner=runner)[0]
     assert answer == "The capital of France is Paris."
+
+
+@pytest.mark.parametrize(
+    ("limit", "hardware", "klass"),
+    [
+        (None, True, "bf16"),
+        (None, False, "avx512"),  # Skylake-SP, Ice Lake: AVX-512 without bfloat16
+        ("AVX512_CORE_VNNI", True, "avx512"),  # oneDNN held below its bfloat16 ISA
+        ("AVX512_CORE_AMX", True, "bf16"),
+    ],
+)
+def test_bf16_class_needs_the_instructions_not_just_avx512(monkeypatch, limit, hardware, klass):
+    """torch calls bfloat16 "supported" on every AVX-512 CPU (oneDNN emulates it there), but
+    emulated bfloat16 is slower than float32: the bf16 class needs AVX512-BF16 or AMX, and
+    oneDNN allowed to use them."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: hardware)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if limit is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", limit)
+    assert cpu_path.cpu_class() == (klass, "AVX512")

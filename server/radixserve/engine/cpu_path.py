@@ -24,6 +24,7 @@ figures.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -45,10 +46,45 @@ class CpuPath:
         return asdict(self)
 
 
+# oneDNN ISA limits (ONEDNN_MAX_CPU_ISA) under which its bfloat16 matmuls still run natively
+_ONEDNN_BF16_ISAS = {
+    "AVX512_CORE_BF16",
+    "AVX512_CORE_FP16",
+    "AVX512_CORE_AMX",
+    "AVX512_CORE_AMX_FP16",
+    "AVX10_1_512",
+    "AVX10_1_512_AMX",
+    "AVX10_1_512_AMX_FP16",
+    "AVX10_2_512",
+    "AVX10_2_512_AMX_2",
+    "ALL",
+    "DEFAULT",
+}
+
+
+def bf16_hardware() -> bool:
+    """The CPU has bfloat16 instructions (AVX512-BF16 or AMX) and oneDNN may use them.
+
+    torch's own `mkldnn._is_mkldnn_bf16_supported()` is true on every AVX-512 CPU, since
+    oneDNN emulates bfloat16 on AVX-512 cores: on a Skylake-SP or Ice Lake that check would
+    pick emulated bfloat16, slower than float32. So the instructions are asked for directly,
+    and a restricted oneDNN (ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16) counts as without."""
+    limit = (
+        os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    ).upper()
+    if limit and limit not in _ONEDNN_BF16_ISAS:
+        return False
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def cpu_class() -> tuple[str, str]:
     """(class, torch's capability) of this CPU as torch and oneDNN will run it."""
     capability = torch.backends.cpu.get_cpu_capability()  # honours ATEN_CPU_CAPABILITY
-    if capability.startswith("AVX512") and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if (
+        capability.startswith("AVX512")
+        and bf16_hardware()
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    ):
         return "bf16", capability
     if capability.startswith("AVX512"):
         return "avx512", capability
