@@ -9,7 +9,7 @@ sensible-answer check (Paris after "The capital of Italy is Rome. The capital of
 France is"); the chat answer is checked for equality, not for sense.
 In-process (model runner and scheduler) rather than over HTTP: the server would load the
 262k-token GGUF tokenizer twice more, minutes on a busy 2-core machine. For the same reason
-the file's metadata is parsed once for the test (`parsed_once`), not on each of the seven
+the file's metadata is parsed once for the test (the loader's `gguf_parsed_once`), not on each of the seven
 opens (our config, weights and linear type; our tokenizer and the chat template's config;
 transformers' config and weights).
 """
@@ -37,22 +37,12 @@ CACHE = os.path.expanduser("~/.cache/radixserve")
 
 @pytest.fixture(scope="module")
 def parsed_once():
-    """gguf.GGUFReader memoised per file while the module runs. Each open parses every
-    metadata field, the 262k tokens and merges included: tens of seconds per open on a
-    2-core VM, most of this test's time when done seven times. The readers only read, so
-    sharing one changes nothing that is compared."""
-    import gguf
+    """The product's own `gguf_parsed_once` for the whole module: each open parses every
+    metadata field, the 262k tokens and merges included, tens of seconds per open on a
+    2-core VM; the readers only read, so sharing one changes nothing that is compared."""
+    from radixserve.models.loader import gguf_parsed_once
 
-    real, readers = gguf.GGUFReader, {}
-
-    def reader(path, mode="r"):
-        key = (os.path.realpath(path), mode)
-        if key not in readers:
-            readers[key] = real(path, mode)
-        return readers[key]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gguf, "GGUFReader", reader)
+    with gguf_parsed_once():
         yield
 
 

@@ -7,6 +7,8 @@ GGUF that transformers also reads. Float32 everywhere, so differences are roundi
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from radixserve.config import ServerArgs
@@ -158,3 +160,23 @@ def test_default_model_matches_transformers():
         198,
     ]
     check(runner, ref, ids)
+
+
+def test_gguf_header_is_parsed_once_while_loading():
+    """At start-up the config, tokenizer, weights and linear type each open the GGUF; inside
+    `gguf_parsed_once` they share one parsed reader per file (Gemma 3's vocabulary costs ~10 s
+    of CPU per parse on a 2-core VM), and outside it every open is a fresh reader again."""
+    import gguf
+    from radixserve.models.loader import gguf_linear_type, gguf_parsed_once, resolve_model
+
+    src = resolve_model(None)
+    path = os.path.join(src.folder, src.gguf_file)
+    real = gguf.GGUFReader
+    with gguf_parsed_once():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(path) is first
+        with gguf_parsed_once():  # nested blocks share the outer one's readers
+            assert gguf.GGUFReader(path) is first
+        assert gguf_linear_type(src) == "Q4_1"
+    assert gguf.GGUFReader is real
+    assert gguf.GGUFReader(path) is not first

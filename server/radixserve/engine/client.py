@@ -169,11 +169,12 @@ class EngineClient:
         return msg
 
     def _load_tokenizer(self) -> None:
-        from radixserve.models.loader import load_tokenizer, resolve_model
+        from radixserve.models.loader import gguf_parsed_once, load_tokenizer, resolve_model
 
-        self.tokenizer = load_tokenizer(
-            resolve_model(self.args.model_path), self.args.tokenizer_path
-        )
+        with gguf_parsed_once():  # the tokenizer, then the config for its chat template
+            self.tokenizer = load_tokenizer(
+                resolve_model(self.args.model_path), self.args.tokenizer_path
+            )
         if self.args.chat_template:
             with open(self.args.chat_template) as f:
                 self.tokenizer.chat_template = f.read()

@@ -95,12 +95,13 @@ class GenerationWorker:
     def __init__(self, args: ServerArgs) -> None:
         from radixserve.engine.model_runner import ModelRunner
         from radixserve.engine.scheduler import Scheduler
-        from radixserve.models.loader import load_tokenizer
+        from radixserve.models.loader import gguf_parsed_once, load_tokenizer
 
-        self.runner = runner = ModelRunner(args)
-        tokenizer = load_tokenizer(runner.source, args.tokenizer_path)
-        eos = eos_token_ids(runner.config, tokenizer, runner.source.folder)
-        self.scheduler = Scheduler(args, runner, tokenizer, eos)
+        with gguf_parsed_once():
+            self.runner = runner = ModelRunner(args)
+            tokenizer = load_tokenizer(runner.source, args.tokenizer_path)
+            eos = eos_token_ids(runner.config, tokenizer, runner.source.folder)
+            self.scheduler = Scheduler(args, runner, tokenizer, eos)
         self.ready = EngineReady(
             model_path=runner.source.path,
             context_length=runner.context_length,

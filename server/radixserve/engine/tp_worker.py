@@ -38,9 +38,11 @@ def tp_worker_main(args: ServerArgs, rank: int) -> None:
     local_ranks = args.tp_size // args.nnodes
     torch.set_num_threads(max(1, args.cpu_threads or len(os.sched_getaffinity(0)) // local_ranks))
     from radixserve.engine.model_runner import ModelRunner
+    from radixserve.models.loader import gguf_parsed_once
 
     try:
-        runner = ModelRunner(args, rank)
+        with gguf_parsed_once():
+            runner = ModelRunner(args, rank)
         runner.worker_loop()
     except Exception as e:
         logger.error("rank %d failed: %s: %s", rank, type(e).__name__, e)
