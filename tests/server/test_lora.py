@@ -9,7 +9,10 @@ and loads a fourth at run time, which evicts the least recently used one from it
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -73,11 +76,49 @@ def folders(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def started(folders):
+def remote(folders, tmp_path_factory):
+    """The adapters as remote sources without a network: a Hugging Face cache laid out as
+    huggingface_hub's (models--org--hub-NAME/snapshots/<rev>/, refs/main) for hf://org/hub-NAME
+    under HF_HUB_OFFLINE=1, and an HTTP server on 127.0.0.1 serving each adapter's folder
+    at URL/NAME/. Yields (the server's environment, the URL)."""
+    root = tmp_path_factory.mktemp("remote")
+    for name, folder in folders.items():
+        repo = root / "hub" / f"models--org--hub-{name}"
+        snapshot = repo / "snapshots" / "0123abcd"
+        snapshot.mkdir(parents=True)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text("0123abcd")
+        for f in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copy(Path(folder, f), snapshot / f)
+    web = Path(next(iter(folders.values()))).parent
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(web))
+    )
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    env = {
+        "HF_HUB_CACHE": str(root / "hub"),
+        "HF_HUB_OFFLINE": "1",
+        "XDG_CACHE_HOME": str(root / "xdg"),  # where URL sources are downloaded to
+    }
+    try:
+        yield env, f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def started(folders, remote):
     """The server, starting (its load overlaps the reference's)."""
+    env, url = remote
     paths = [f"{n}={folders[n]}" for n in ("sql", "chat", "math")]
+    paths += ["hub=hf://org/hub-sql", f"web={url}/math"]  # remote sources at start
     flags = ["--lora-paths", *paths, "--max-loras", "3", "--max-lora-rank", "16"]
-    srv = start_server(*DEFAULT_FLAGS, *flags, "--api-key", KEY)
+    srv = start_server(*DEFAULT_FLAGS, *flags, "--api-key", KEY, env=env)
     try:
         yield srv
     finally:
@@ -258,7 +299,7 @@ def test_load_evict_and_unload_at_run_time(server, made):
     assert got == [want[n, "p1"] for n in ("sql", "chat", "math")]
 
     # unloading while a request runs on it: the unload waits for it, the request completes
-    events: list[str] = []
+    received: list[int] = []  # tokens the stream has received so far
     started = threading.Event()
 
     def stream() -> list[int]:
@@ -275,8 +316,8 @@ def test_load_evict_and_unload_at_run_time(server, made):
             for line in r.iter_lines():
                 if line.startswith("data: {"):
                     last = json.loads(line[6:])
+                    received.append(len(last["output_ids"]))
                     started.set()
-        events.append("stream done")
         return last
 
     with ThreadPoolExecutor(1) as pool:
@@ -288,18 +329,64 @@ def test_load_evict_and_unload_at_run_time(server, made):
             headers=AUTH,
             timeout=300,
         )
-        events.append("unloaded")
+        at_unload = received[-1]
         last = fut.result()
     assert r.status_code == 200, r.text
-    assert events == ["stream done", "unloaded"]
+    # the unload was asked after the first token and answered once the request finished;
+    # the stream's last chunks and the unload's answer leave the server in the same step,
+    # so the client may read the answer a chunk or two before the stream's end
+    assert at_unload >= 24, at_unload
     assert len(last["output_ids"]) == 48 and last["output_ids"][:NEW_TOKENS] == want["extra", "p0"]
     r = httpx.post(
         server.url + "/generate", json={"input_ids": [1, 2], "lora_path": "extra"}, headers=AUTH
     )
     assert r.status_code == 404
     info = httpx.get(server.url + "/server_info", headers=AUTH).json()
-    assert set(info["lora_adapters"]) == {"sql", "chat", "math"}
+    assert set(info["lora_adapters"]) == {"sql", "chat", "math", "hub", "web"}
     assert info["max_loras"] == 3 and info["stats"]["max_loras"] == 3
+
+
+def test_remote_sources_hf_and_url(server, made, remote):
+    """--lora-paths took hf://org/hub-sql (from the offline Hugging Face cache) and a URL of
+    math's folder; the load endpoint takes both kinds too; each serves its adapter's
+    tokens. A missing repo and a bad URL are 400s naming the source."""
+    folders, want = made
+    _, url = remote
+    assert generate(server, "p0", "hub")["output_ids"] == want["sql", "p0"]
+    assert generate(server, "p1", "web")["output_ids"] == want["math", "p1"]
+    loads = {"hub-chat": "hf://org/hub-chat@main", "web-extra": f"{url}/extra/"}
+    for name, source in loads.items():
+        r = httpx.post(
+            server.url + "/v1/load_lora_adapter",
+            json={"lora_name": name, "lora_path": source},
+            headers=AUTH,
+            timeout=120,
+        )
+        assert r.status_code == 200 and r.json()["success"], r.text
+    assert generate(server, "p2", "hub-chat")["output_ids"] == want["chat", "p2"]
+    assert generate(server, "p0", "web-extra")["output_ids"] == want["extra", "p0"]
+    bad = {
+        "hf://org/missing": "hf://org/missing",
+        "hf://org/hub-sql@v9": "hf://org/hub-sql@v9",
+        f"{url}/nowhere": f"{url}/nowhere/adapter_config.json",
+        "http://127.0.0.1:9/x": "http://127.0.0.1:9/x/",  # nothing listens on port 9
+    }
+    for source, named in bad.items():
+        r = httpx.post(
+            server.url + "/load_lora_adapter",
+            json={"lora_name": "bad", "lora_path": source},
+            headers=AUTH,
+            timeout=120,
+        )
+        assert r.status_code == 400, (source, r.text)
+        assert named in error_of(r)["message"], (source, r.text)
+    for name in loads:
+        r = httpx.post(
+            server.url + "/unload_lora_adapter", json={"lora_name": name}, headers=AUTH, timeout=300
+        )
+        assert r.status_code == 200, r.text
+    names = {m["id"] for m in httpx.get(server.url + "/v1/models", headers=AUTH).json()["data"]}
+    assert {"hub", "web"} <= names and not names & {"bad", *loads}
 
 
 # ---- without a server: the flags and the batched delta -----------------------------------------
@@ -322,27 +409,66 @@ def test_lora_flags():
         ServerArgs(enable_lora=True, tp_size=2, dist_init_addr="127.0.0.1:1")
 
 
-@pytest.mark.parametrize(
-    "extend_lens", [[1] * 12, [40, 3, 1, 1, 25], [1, 30, 1, 1, 1, 1, 7, 1, 1, 1]]
-)
-def test_batched_delta_equals_each_rows_own_adapter(extend_lens):
-    """Decoding rows take the padded bmm, prefill segments the loop over slices, a step may
-    mix both; every row must get exactly its own adapter's x A^T B^T (the base rows
-    nothing)."""
-    torch.manual_seed(0)
-    slots = LoraSlots(4, 8, 16, [6, 4], torch.float64, "cpu")
-    ranks = {0: 8, 1: 4, 2: 2, 3: 8}
+def _reference_case(seed: int, ranks: dict[int, int]):
+    """Random adapters per slot for a fused projection of two parts (16 -> 6 + 4): each
+    part's A [r, 16], B [out, r] and a scale, kept apart from the slots' copies."""
+    g = torch.Generator().manual_seed(seed)
+    slots = LoraSlots(16, 16, 16, [6, 4], torch.float32, "cpu")
+    weights = {}
     for s, r in ranks.items():
         for part, out in enumerate((6, 4)):
-            slots.write(s, part, torch.randn(r, 16), torch.randn(out, r))
-    req_slots = [(i % 5) - 1 for i in range(len(extend_lens))]  # -1 is the base model
-    lb = LoraBatch.build(req_slots, extend_lens, ranks, "cpu")
-    x = torch.randn(sum(extend_lens), 16, dtype=torch.float64)
-    base = torch.randn(x.shape[0], 10, dtype=torch.float64)
-    got = slots.add_delta(base.clone(), x, lb)
-    per_token = torch.repeat_interleave(torch.tensor(req_slots), torch.tensor(extend_lens))
-    for row, s in enumerate(per_token.tolist()):
-        want = base[row].clone()
+            a, b = torch.randn(r, 16, generator=g), torch.randn(out, r, generator=g)
+            scale = 0.5 + s
+            weights[s, part] = (a, b, scale)
+            slots.write(s, part, a, b * scale)
+    return slots, weights
+
+
+def _reference(x: torch.Tensor, base: torch.Tensor, per_row: list[int], weights) -> torch.Tensor:
+    """Row by row: base + x A^T B^T * scale of the row's own adapter, part by part."""
+    want = base.clone()
+    for row, s in enumerate(per_row):
         if s >= 0:
-            want += x[row] @ slots.a[s].flatten(0, 1).t() @ slots.b[s].flatten(0, 1)
-        torch.testing.assert_close(got[row], want)
+            for part, cols in enumerate((slice(0, 6), slice(6, 10))):
+                a, b, scale = weights[s, part]
+                want[row, cols] += x[row] @ a.t() @ b.t() * scale
+    return want
+
+
+CASES = {
+    "decode, one adapter": ([3] * 32, [1] * 32),
+    "decode, 16 adapters and the base": ([(i % 17) - 1 for i in range(40)], [1] * 40),
+    "decode, two far apart slots and drafts": ([1, 14, 14, 1], [1, 5, 1, 1]),
+    "decode, 300 rows, 16 adapters and the base": ([(i % 17) - 1 for i in range(300)], [1] * 300),
+    "prefill, four adapters and the base": ([0, -1, 5, 5, 11], [40, 33, 20, 17, 64]),
+    "mixed: prefill, drafts, decode": (
+        [2, 7, -1, 4, 9, *(i % 5 for i in range(24))],
+        [100, 9, 30, 5, 3, *[1] * 24],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_delta_equals_each_rows_own_adapter(case):
+    """Every form the step plan picks (segments, single, grouped) gives each row
+    exactly its own adapter's delta and the base rows nothing, for ranks 8 and 16 mixed."""
+    req_slots, lens = CASES[case]
+    ranks = {s: (8, 16)[s % 2] for s in range(16)}
+    slots, weights = _reference_case(0, ranks)
+    lb = LoraBatch.build(req_slots, lens, ranks, "cpu")
+    x = torch.randn(sum(lens), 16)
+    base = torch.randn(x.shape[0], 10)
+    got = slots.add_delta(base.clone(), x, lb)
+    per_row = torch.repeat_interleave(torch.tensor(req_slots), torch.tensor(lens)).tolist()
+    torch.testing.assert_close(got, _reference(x, base, per_row, weights), rtol=1e-4, atol=1e-4)
+
+
+def test_plan_picks_the_cheap_form():
+    ranks = dict.fromkeys(range(16), 16)
+    assert LoraBatch.build([-1] * 4, [1] * 4, ranks, "cpu") is None
+    assert LoraBatch.build([3] * 32, [1] * 32, ranks, "cpu").mode == "single"
+    lb = LoraBatch.build([i % 16 for i in range(32)], [1] * 32, ranks, "cpu")
+    assert lb.mode == "grouped" and (lb.num_slots, lb.widest) == (16, 2)
+    lb = LoraBatch.build([1, 1, 2, -1, 2, 2], [50, 30, 20, 9, 1, 1], ranks, "cpu")
+    assert lb.segments == [(0, 80, 1, 16), (80, 100, 2, 16)]
+    assert lb.start == 109 and lb.mode == "single"

@@ -43,8 +43,9 @@ class LoraError(Exception):
 
 def resolve_lora_source(source: str) -> str:
     """A local folder holding the adapter's two files, downloading them if `source` is
-    remote: hf://org/repo[@revision] through the Hugging Face cache, an http(s) folder URL
-    into ~/.cache/radixserve/lora/<hash of the URL>/."""
+    remote: hf://org/repo[@revision] through the Hugging Face cache (HF_HUB_CACHE, and
+    HF_HUB_OFFLINE=1 to use it without a network), an http(s) folder URL (the two files
+    under it) into $XDG_CACHE_HOME (default ~/.cache)/radixserve/lora/<hash of the URL>/."""
     if source.startswith("hf://"):
         from huggingface_hub import snapshot_download
 
@@ -57,7 +58,8 @@ def resolve_lora_source(source: str) -> str:
             raise LoraError(f"cannot fetch {source}: {type(e).__name__}: {e}") from e
     if source.startswith(("http://", "https://")):
         base = source if source.endswith("/") else source + "/"
-        cache = Path.home() / ".cache" / "radixserve" / "lora"
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        cache = cache / "radixserve" / "lora"
         folder = cache / hashlib.sha256(base.encode()).hexdigest()[:16]
         folder.mkdir(parents=True, exist_ok=True)
         for name in (CONFIG_FILE, WEIGHTS_FILE):

@@ -1,72 +1,109 @@
 """Multi-LoRA on the projections: many adapters and the base model in one forward (S-LoRA,
-Punica).
+Punica), in as few torch calls per projection as the step allows.
 
-Each LoRA-capable projection keeps `max_loras` weight slots, stacked: A as [slots, rank, parts,
-in] and B (scaled, transposed) as [slots, rank, parts, out]. `parts` are the checkpoint
-projections fused into ours (q, k, v in qkv_proj; gate, up in gate_up_proj): each part has
-its own A, and its B only reaches its own output columns (B is block-diagonal over the
-parts, zero elsewhere), so one pair of matmuls covers the fused projection. An adapter of
-rank r fills rank rows [0, r) of its slot and leaves the rest zero, so a step computes only
-up to the largest rank among its adapters (`LoraBatch.rank`), and the slicing is a view.
+Weights. Each LoRA-capable projection keeps `max_loras` weight slots. A is stacked as
+[slots, rank, parts, in]: `parts` are the checkpoint projections fused into ours (q, k, v
+in qkv_proj; gate, up in gate_up_proj), each with its own A, so one matmul shrinks all
+parts at once. The scaled B^T is stacked as [slots, chunks, rank, chunk]: the fused output
+cut in chunks of the parts' greatest common size (q, k, v of 576, 192, 192: five chunks of
+192), each chunk multiplied by its own part's columns of the shrink in one batched matmul.
+(The earlier block-diagonal B, [rank * parts, out] with zeros off each part's columns,
+multiplied and read those zeros: 3x the expand's work on qkv, 2x on gate_up.) An adapter
+of rank r fills rank rows [0, r) of its slot and leaves the rest zero, so a step computes
+only up to the largest rank among its adapters, and the slicing is a view.
 
-A step's rows are planned once (`LoraBatch`) and every projection reuses the plan:
-- single-row segments (decoding requests) are gathered by slot into one padded
-  [slots, rows, in] block, and two `torch.bmm` calls compute every adapter's delta at once
-  (Punica's BGMV, in torch's batched GEMM), reading the slots' weights in place; the deltas
-  come back in token order through one gather (`index_select`) from the padded result;
-- longer segments (prefill chunks) take one pair of matmuls each, on their contiguous rows
-  (S-LoRA's segmented GEMM as a loop over slices): no padding, no indexing.
-Why: at decode sizes each matmul is tiny and the per-call cost of an op on the CPU
-dominates, so two bmm calls per projection beat two calls per adapter (16 adapters x 4
-projections x 30 layers is ~4,000 calls a step); a prefill segment's matmuls are large
-enough that a call each costs nothing extra. Scatters are avoided on purpose: torch's CPU
-`index_add_` on bfloat16 rows took 45% of a 16-adapter decode step's CPU time in torch's
-profiler (bench/lora_delta.py times the delta per step shape).
-Rows of the base model (slot -1) take no LoRA work at all.
+A step is planned once (`LoraBatch`, one per forward) and every projection reuses the plan:
+- long segments (prefill chunks) take the shrink and the expand on their contiguous rows,
+  the expand adding into the base output in place (`addmm_`/`baddbmm_`): S-LoRA's
+  segmented GEMM as a loop over slices, neighbouring segments of one adapter merged;
+- the short rows at the end of the step (decoding requests, speculative verification)
+  take one of two forms:
+  - single: they all use one adapter: the same calls as a segment, on all of them, with
+    no gather or padding;
+  - grouped: several adapters: the rows are gathered by slot into one padded
+    [slots, widest, in] block, one `torch.bmm` shrinks every adapter's rows at once
+    (Punica's BGMV, in torch's batched GEMM), one more expands them into a buffer made
+    once per step, and one gather brings the deltas back in row order for one in-place
+    add.
+Why: at decode sizes each matmul is tiny and the CPU's cost per torch call dominates, and
+at prefill sizes the bfloat16 matmuls with few columns run far below the base matmul's
+rate: the earlier form (a fresh zero row concatenated to each decode delta, prefill deltas
+built, cast, then added) cost more than the base matmul on a prefill of 4 x 256 rows.
+Scatters are avoided on purpose: torch's CPU `index_add_` on bfloat16 rows took 45% of a
+16-adapter decode step's CPU time in torch's profiler. A "stacked" form (every row against
+every resident adapter in one matmul, masked to its own row's) was measured and dropped:
+three calls, but its matmuls grow with the number of adapters and cost as much as the
+base matmul at 16 (bench/lora_delta.py times the forms per step shape).
+Rows of the base model (slot -1) take no LoRA work: outside the segments, or reading a
+zero row of the buffer.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+SHORT_SEGMENT = 8  # a request of at most this many rows at the step's end joins the batched forms
 
 
 class LoraBatch:
-    """One step's rows by adapter slot; built once, read by every projection."""
+    """One step's rows by adapter slot; built once per forward, read by every projection."""
 
-    def __init__(self, token_slots: torch.Tensor, segments: list[tuple[int, int, int]], rank: int):
-        self.rank = rank  # largest rank among this step's adapters
-        self.num_tokens = token_slots.numel()
-        # (start, end, slot) of every multi-row segment under an adapter, for the loop
-        self.segments = [seg for seg in segments if seg[1] - seg[0] > 1]
-        single = torch.tensor(
-            [start for start, end, _ in segments if end - start == 1], dtype=torch.int64
+    def __init__(
+        self, req_slots: list[int], extend_lens: list[int], ranks: dict[int, int], device
+    ) -> None:
+        starts, start = [], 0
+        for n in extend_lens:
+            starts.append(start)
+            start += n
+        # the short rows: the trailing requests of at most SHORT_SEGMENT rows each (the
+        # scheduler puts prefill chunks first, then drafted requests, then decoding ones)
+        first = len(req_slots)
+        while first > 0 and extend_lens[first - 1] <= SHORT_SEGMENT:
+            first -= 1
+        self.start = starts[first] if first < len(req_slots) else start
+        # (start, end, slot, rank) of the front's segments under an adapter, neighbours merged
+        self.segments: list[tuple[int, int, int, int]] = []
+        for i in range(first):
+            slot, s, e = req_slots[i], starts[i], starts[i] + extend_lens[i]
+            if slot < 0:
+                continue
+            if self.segments and self.segments[-1][1] == s and self.segments[-1][2] == slot:
+                s = self.segments.pop()[0]
+            self.segments.append((s, e, slot, ranks[slot]))
+        tail = [(slot, extend_lens[i]) for i, slot in enumerate(req_slots[first:], first)]
+        used = sorted({slot for slot, _ in tail if slot >= 0})
+        self.mode = "none"
+        if not used:
+            return
+        self.rank = max(ranks[s] for s in used)
+        if len(used) == 1 and all(slot >= 0 for slot, _ in tail):
+            self.mode, self.slot = "single", used[0]
+            return
+        self.mode = "grouped"
+        self.lo = used[0]
+        self.num_slots = used[-1] - used[0] + 1  # the bmm covers slots [lo, lo + num_slots)
+        per_row = torch.tensor([slot for slot, n in tail for _ in range(n)], dtype=torch.int64)
+        rows = (per_row >= 0).nonzero().flatten()
+        slots = per_row[rows] - self.lo
+        order = torch.argsort(slots, stable=True)
+        rows, slots = rows[order], slots[order]
+        counts = torch.bincount(slots, minlength=self.num_slots)
+        self.widest = int(counts.max())
+        # place i of slot s's rows is s * widest + i; the other places repeat row 0 and are
+        # computed but never read back
+        place = (
+            slots * self.widest + torch.arange(rows.numel()) - (counts.cumsum(0) - counts)[slots]
         )
-        self.num_slots = 0
-        if single.numel():
-            single = single.to(token_slots.device)
-            slots = token_slots[single]
-            order = torch.argsort(slots, stable=True)
-            rows, slots = single[order], slots[order]
-            used, counts = torch.unique_consecutive(slots, return_counts=True)
-            self.num_slots = int(used.max()) + 1  # the bmm covers slots [0, num_slots)
-            self.widest = int(counts.max())
-            # place i of slot s's rows is s * widest + i; the other places repeat row 0 and
-            # are computed but never read back
-            group = torch.repeat_interleave(torch.arange(used.numel(), device=rows.device), counts)
-            place = (
-                slots * self.widest
-                + torch.arange(rows.numel(), device=rows.device)
-                - (torch.cumsum(counts, 0) - counts)[group]
-            )
-            self.gather = torch.zeros(
-                self.num_slots * self.widest, dtype=torch.int64, device=rows.device
-            )
-            self.gather[place] = rows
-            # per token: where its delta lies in the padded result, or the zero row past it
-            self.back = torch.full(
-                (self.num_tokens,), self.num_slots * self.widest, device=rows.device
-            )
-            self.back[rows] = place
+        gather = torch.zeros(self.num_slots * self.widest, dtype=torch.int64)
+        gather[place] = rows
+        # per short row: where its delta lies in the buffer, or the zero row past the places
+        back = torch.full((per_row.numel(),), self.num_slots * self.widest, dtype=torch.int64)
+        back[rows] = place
+        self.gather, self.back = gather.to(device), back.to(device)
+        self.buffers: dict[tuple[int, int, torch.dtype], torch.Tensor] = {}
+        self.chunk_index: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @staticmethod
     def build(
@@ -74,18 +111,38 @@ class LoraBatch:
     ) -> LoraBatch | None:
         """The plan for a step whose requests use `req_slots` (-1: base) over `extend_lens`
         rows each; None when no request of the step uses an adapter."""
-        used = {s for s in req_slots if s >= 0}
-        if not used:
+        if all(s < 0 for s in req_slots):
             return None
-        segments, start = [], 0
-        for slot, n in zip(req_slots, extend_lens, strict=True):
-            if slot >= 0:
-                segments.append((start, start + n, slot))
-            start += n
-        per_token = torch.repeat_interleave(
-            torch.tensor(req_slots, dtype=torch.int64), torch.tensor(extend_lens)
-        )
-        return LoraBatch(per_token.to(device), segments, max(ranks[s] for s in used))
+        return LoraBatch(req_slots, extend_lens, ranks, device)
+
+    def buffer(self, rows: int, width: int, like: torch.Tensor) -> torch.Tensor:
+        """The grouped form's [rows + 1, width] output, its last row zero; one per shape and
+        step, shared by the projections of that shape (each reads it back before the next
+        projection writes it)."""
+        key = (rows, width, like.dtype)
+        buf = self.buffers.get(key)
+        if buf is None:
+            buf = like.new_empty(rows + 1, width)
+            buf[-1].zero_()
+            self.buffers[key] = buf
+        return buf
+
+    def chunks(self, chunk_part: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a fused projection whose output is cut in chunks (part `chunk_part[c]` owns
+        chunk c): where each (slot, chunk, place, rank) entry of the expand's input lies in
+        the shrink's [slots, widest, rank, parts] output, and per (short row, chunk) where
+        its delta lies among the [slots, chunks, widest] expand rows (or the zero row)."""
+        if chunk_part not in self.chunk_index:
+            s, w, r, c = self.num_slots, self.widest, self.rank, len(chunk_part)
+            parts = max(chunk_part) + 1
+            idx = torch.arange(s * w * r * parts).view(s, w, r, parts)
+            idx = idx[..., list(chunk_part)].permute(0, 3, 1, 2).flatten()  # [s, c, w, r]
+            places = s * w
+            slot, pos = self.back // w, self.back % w
+            back = (slot[:, None] * c + torch.arange(c)) * w + pos[:, None]
+            back = torch.where(self.back[:, None] < places, back, s * c * w).flatten()
+            self.chunk_index[chunk_part] = (idx.to(self.back.device), back)
+        return self.chunk_index[chunk_part]
 
 
 class LoraSlots:
@@ -97,32 +154,64 @@ class LoraSlots:
         out = sum(part_sizes)
         parts = len(part_sizes)
         self.a = torch.zeros(num_slots, max_rank, parts, in_features, dtype=dtype, device=device)
-        self.b = torch.zeros(num_slots, max_rank, parts, out, dtype=dtype, device=device)
-        offsets = [sum(part_sizes[:i]) for i in range(parts)]
-        self.part_columns = [range(o, o + n) for o, n in zip(offsets, part_sizes, strict=True)]
+        self.chunk = math.gcd(*part_sizes)
+        self.chunk_part = tuple(p for p, n in enumerate(part_sizes) for _ in range(n // self.chunk))
+        self.part_chunks = torch.tensor(self.chunk_part, device=device)
+        self.bc = torch.zeros(
+            num_slots, len(self.chunk_part), max_rank, self.chunk, dtype=dtype, device=device
+        )
+        self.out_features = out
 
     def write(self, slot: int, part: int, a: torch.Tensor, b_scaled: torch.Tensor) -> None:
         """Put one part's A [r, in] and scaling * B [out_part, r] in `slot`."""
         r = a.shape[0]
-        cols = self.part_columns[part]
         self.a[slot, :r, part] = a
-        self.b[slot, :r, part, cols.start : cols.stop] = b_scaled.t()
+        first = self.chunk_part.index(part)
+        n = b_scaled.shape[0] // self.chunk
+        self.bc[slot, first : first + n, :r] = b_scaled.t().view(r, n, self.chunk).transpose(0, 1)
 
     def clear(self, slot: int) -> None:
         self.a[slot].zero_()
-        self.b[slot].zero_()
+        self.bc[slot].zero_()
+
+    def _segment(self, out: torch.Tensor, x: torch.Tensor, slot: int, rank: int) -> None:
+        """out += x A^T B^T for rows of one adapter: the shrink, then one addmm_ (one part)
+        or, for fused parts, each output chunk from its own part's columns of the shrink
+        in one batched matmul that adds in place (no zero blocks multiplied)."""
+        s = x @ self.a[slot, :rank].flatten(0, 1).t()  # [rows, rank*parts], columns (r, p)
+        bc = self.bc[slot, :, :rank]  # [chunks, rank, chunk]
+        if bc.shape[0] == 1:
+            out.addmm_(s, bc[0])
+            return
+        n = s.shape[0]
+        sc = s.view(n, rank, -1).index_select(2, self.part_chunks).permute(2, 0, 1)
+        out.view(n, -1, self.chunk).transpose(0, 1).baddbmm_(sc, bc)
 
     def add_delta(self, out: torch.Tensor, x: torch.Tensor, lb: LoraBatch) -> torch.Tensor:
         """out += x @ A^T @ B^T per row, with each row's adapter; in place."""
-        for start, end, slot in lb.segments:
-            a = self.a[slot, : lb.rank].flatten(0, 1)  # [rank*parts, in], a view
-            b = self.b[slot, : lb.rank].flatten(0, 1)  # [rank*parts, out]
-            out[start:end] += ((x[start:end] @ a.t()) @ b).to(out.dtype)
-        if lb.num_slots:
-            a = self.a[: lb.num_slots, : lb.rank].flatten(1, 2)  # [slots, rank*parts, in]
-            b = self.b[: lb.num_slots, : lb.rank].flatten(1, 2)  # [slots, rank*parts, out]
-            xs = x.index_select(0, lb.gather).view(lb.num_slots, lb.widest, -1)
-            delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b).flatten(0, 1)
-            delta = torch.cat([delta, delta.new_zeros(1, delta.shape[1])])
-            out += delta.index_select(0, lb.back).to(out.dtype)
+        for start, end, slot, rank in lb.segments:
+            self._segment(out[start:end], x[start:end], slot, rank)
+        if lb.mode == "none":
+            return out
+        xs, outs = x[lb.start :], out[lb.start :]
+        if lb.mode == "single":
+            self._segment(outs, xs, lb.slot, lb.rank)
+            return out
+        slots = slice(lb.lo, lb.lo + lb.num_slots)
+        a = self.a[slots, : lb.rank].flatten(1, 2)  # [slots, rank*parts, in]
+        xg = xs.index_select(0, lb.gather).view(lb.num_slots, lb.widest, -1)
+        s = torch.bmm(xg, a.transpose(1, 2))  # [slots, widest, rank*parts]
+        c = len(self.chunk_part)
+        bc = self.bc[slots, :, : lb.rank].flatten(0, 1)  # [slots*chunks, rank, chunk]
+        buf = lb.buffer(lb.num_slots * c * lb.widest, self.chunk, out)
+        places = buf[:-1].view(lb.num_slots * c, lb.widest, self.chunk)
+        if c == 1:  # one part, one chunk: the shrink's output is the expand's input
+            torch.bmm(s, bc, out=places)
+            outs += buf.index_select(0, lb.back)
+            return out
+        # each chunk takes its own part's columns of the shrink's output
+        idx, back = lb.chunks(self.chunk_part)
+        sc = s.view(-1).index_select(0, idx).view(lb.num_slots * c, lb.widest, lb.rank)
+        torch.bmm(sc, bc, out=places)
+        outs.view(-1, self.chunk).add_(buf.index_select(0, back))
         return out
