@@ -2,14 +2,16 @@
 adapters (1, 4, 16) and the requests spread evenly over them, at concurrency 32.
 
     .venv/bin/python bench/lora.py [--adapters 1 4 16] [--num-prompts 96] [--rank 16]
-        [--input-len 128] [--output-len 64] [--out bench/results/lora-DATE]
+        [--input-len 128] [--output-len 64] [--merged] [--out bench/results/lora-DATE]
 
 The adapters are random (non-zero A and B, every target module, rank --rank) in PEFT's
-format, written here with safetensors, so the run needs no network and no PEFT. Each
-configuration gets its own server (started, warmed up, measured, stopped); the same
-random-token prompts go to each. Output throughput is the server's generated tokens per
-second of wall time. A merged adapter has exactly the base model's shape and cost, so the
-base-only run is also what one process serving one merged adapter reaches.
+format, written here with safetensors, so the run needs no network (nor PEFT, without
+--merged). Each configuration gets its own server (started, warmed up, measured,
+stopped); the same random-token prompts go to each. Output throughput is the server's
+generated tokens per second of wall time. `--merged` adds issue 15's other comparison:
+adapter a0 merged into the base weights with PEFT's merge_and_unload, saved as a Hugging
+Face folder (bfloat16 safetensors) and served by its own radixserve process with --model,
+the same requests at the same concurrency, measured in the same run.
 """
 
 from __future__ import annotations
@@ -75,6 +77,24 @@ def write_adapter(folder: Path, config, rank: int, seed: int) -> None:
     (folder / "adapter_config.json").write_text(json.dumps(cfg))
 
 
+def write_merged(folder: Path, adapter: Path, source) -> None:
+    """The base model with `adapter` merged into its weights, as a transformers folder."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(
+        source.folder, gguf_file=source.gguf_file, dtype=torch.float32
+    )
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    # loaded from a GGUF, transformers marks the model quantized and refuses to save it;
+    # its weights are plain float tensors by now
+    merged.hf_quantizer = None
+    if hasattr(merged.config, "quantization_config"):
+        del merged.config.quantization_config
+    merged.to(torch.bfloat16).save_pretrained(folder)
+    load_tokenizer(source, None).save_pretrained(folder)
+
+
 def serve(flags: list[str], port: int, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "radixserve.cli", "serve", "--port", str(port), *flags]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "server")}
@@ -134,6 +154,7 @@ def main() -> None:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--port", type=int, default=30123)
+    p.add_argument("--merged", action="store_true", help="also adapter a0 merged, own process")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / f"lora-{date.today()}"))
     args = p.parse_args()
     source = resolve_model(default_model_path())
@@ -159,6 +180,14 @@ def main() -> None:
                 str(args.rank),
             ]
             rows.append(measure(f"{n} adapters", flags, spread, tokenizer, args.port, out))
+        if args.merged:
+            if not Path(tmp, "a0").exists():
+                write_adapter(Path(tmp, "a0"), config, args.rank, seed=0)
+            write_merged(Path(tmp, "merged"), Path(tmp, "a0"), source)
+            flags = ["--model", f"{tmp}/merged"]
+            rows.append(
+                measure("a0 merged, own process", flags, requests, tokenizer, args.port, out)
+            )
     base = rows[0]["output_throughput"]
     for row in rows:
         row["vs_base"] = round(row["output_throughput"] / base, 3)
