@@ -51,6 +51,13 @@ class ServerArgs:
     cpu_threads: int = _f(
         0, "torch threads of each CPU engine process; 0 = this node's cores over its ranks"
     )
+    cpu_single_thread_tokens: int = _f(
+        1,
+        "CPU: forward steps of at most this many tokens (a single stream's decode step) run "
+        "their layers on one torch thread (the LM head keeps --cpu-threads), leaving the "
+        "other cores to the HTTP process and the client; 0 = always --cpu-threads; see "
+        "docs/engine.md",
+    )
     device: str = _f("auto", "auto = cuda when available, else cpu", ("auto", "cuda", "cpu"))
     context_length: int | None = _f(None, "longest prompt + completion (default: the model's)")
     is_embedding: bool = _f(False, "serve an embedding model on /v1/embeddings")
@@ -206,6 +213,8 @@ class ServerArgs:
             raise ValueError("--request-timeout must be a positive number of seconds")
         if self.cpu_threads < 0:
             raise ValueError("--cpu-threads must be 0 (automatic) or more")
+        if self.cpu_single_thread_tokens < 0:
+            raise ValueError("--cpu-single-thread-tokens must be 0 (never) or more")
         if self.max_total_tokens is not None and self.max_total_tokens < 16:
             raise ValueError("--max-total-tokens must be at least 16")
         if self.context_length is not None and self.context_length < 2:

@@ -180,3 +180,37 @@ def test_gguf_header_is_parsed_once_while_loading():
         assert gguf_linear_type(src) == "Q4_1"
     assert gguf.GGUFReader is real
     assert gguf.GGUFReader(path) is not first
+
+
+@pytest.mark.parametrize("single_tokens", [1, 0])
+def test_single_stream_steps_run_on_one_thread(tmp_path_factory, monkeypatch, single_tokens):
+    """The layers of a one-token decode step run on one torch thread
+    (--cpu-single-thread-tokens 1, the default); a prompt keeps every thread, and the count
+    is restored after each step (the LM head runs on all of them)."""
+    path = tiny_model_dir(tmp_path_factory, "llama")
+    runner = ModelRunner(
+        ServerArgs(
+            model_path=path,
+            dtype="float32",
+            device="cpu",
+            max_total_tokens=256,
+            cpu_single_thread_tokens=single_tokens,
+        )
+    )
+    seen: list[tuple[int, int]] = []  # (tokens in the step, torch threads during it)
+    model_forward = runner.model.forward
+
+    def spy(batch):
+        seen.append((batch.input_ids.numel(), torch.get_num_threads()))
+        return model_forward(batch)
+
+    monkeypatch.setattr(runner.model, "forward", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        greedy(runner, list(range(5, 25)), 3)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    decode_threads = 1 if single_tokens else 2
+    assert seen == [(20, 2), (1, decode_threads), (1, decode_threads)]

@@ -10,8 +10,10 @@ picks reach the other ranks as the next step's input ids, so no rank needs a sam
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -326,6 +328,29 @@ class ModelRunner:
             # batch would pair mismatched collectives, so this is fatal, not retryable
             raise RuntimeError(f"tensor-parallel step ran out of memory: {e}") from e
 
+    @contextlib.contextmanager
+    def _step_threads(self, batch: ForwardBatch) -> Iterator[None]:
+        """One torch thread for the layers of a CPU step of at most
+        --cpu-single-thread-tokens tokens. They are ~1,000 small operations; the few big
+        enough to go parallel gain less from a second thread than waking it costs (the
+        engine's threads sleep after a short spin, prepare_engine_env), and that thread
+        competes with the HTTP process and the client. The LM head after them, one
+        memory-bound matmul of several milliseconds, keeps every thread. Measured on 2
+        cores in docs/engine.md ("One thread for a single stream")."""
+        threads = torch.get_num_threads()
+        if (
+            self.device != "cpu"
+            or threads == 1
+            or batch.input_ids.numel() > self.args.cpu_single_thread_tokens
+        ):
+            yield
+            return
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
     def _forward(self, batch: ForwardBatch, logit_rows: torch.Tensor) -> torch.Tensor:
         graphs = self.cuda_graphs
         if graphs is not None and graphs.can_run(batch) and logit_rows.numel() == batch.batch_size:
@@ -335,7 +360,9 @@ class ModelRunner:
             batch.metadata["lora"] = self.lora.batch_plan(
                 batch.lora_slots, batch.extend_lens, self.device
             )
-        hidden = self.model(batch)
+        with self._step_threads(batch):
+            hidden = self.model(batch)
+        # the LM head is one big memory-bound matmul: every thread reads its share
         return self.model.compute_logits(hidden[logit_rows])
 
     # ---- tensor parallelism: rank 0's side --------------------------------------------------
