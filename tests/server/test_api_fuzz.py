@@ -16,7 +16,7 @@ import httpx
 import pytest
 import schemathesis
 from api_harness import Server, wait_idle
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from radixserve.engine.sampling_params import SamplingParams
 from schemathesis import GenerationMode
@@ -193,8 +193,16 @@ def test_random_sampling_params_live(api_server):
     one of the fields sent; never a 5xx, and the engine keeps serving."""
     statuses = []
 
+    # explicit examples run on every run, so both answers are always exercised: how many of
+    # the generated dicts are valid varied between runs of the whole suite (2 of 25 once)
     @fuzz_settings(25)
     @given(d=_sampling_dicts)
+    @example(d={})
+    @example(d={"temperature": 0.5, "top_p": 0.9, "max_new_tokens": 2})
+    @example(d={"top_k": 3, "min_p": 0.1, "stop": ["x"]})
+    @example(d={"temperature": -1.0})
+    @example(d={"max_new_tokens": -5})
+    @example(d={"top_k": "three"})
     def check(d):
         if isinstance(d.get("max_new_tokens"), int) and d["max_new_tokens"] > MAX_TOKENS:
             d["max_new_tokens"] = MAX_TOKENS
