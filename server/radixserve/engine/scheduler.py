@@ -667,10 +667,6 @@ class Scheduler:
                 lp, alts = logprobs[i]
                 req.logprobs.append((lp, alts[: req.row.top_logprobs_num]))
             reason = self._check_finished(req, tok)
-            if req.row.grammar is not None and reason is None:
-                req.row.grammar.accept_token(tok)
-                if req.row.grammar.is_terminated():
-                    reason = FinishStop(tok)
             if reason is not None:
                 self._finish(req, reason)
         self.stats.time_output_s += time.perf_counter() - t2
@@ -693,16 +689,11 @@ class Scheduler:
             self.spec.proposer.commit(req.spec, base, accepted)
             reason = None
             emitted = 0
-            grammar = req.row.grammar
             for tok in tokens:
                 req.output_ids.append(tok)
                 emitted += 1
                 self.stats.generation_tokens += 1
                 reason = self._check_finished(req, tok)
-                if grammar is not None and reason is None:
-                    grammar.accept_token(tok)
-                    if grammar.is_terminated():
-                        reason = FinishStop(tok)
                 if reason is not None:
                     break
             if req.row.return_logprob:  # each emitted token's, from the row that chose it
@@ -796,6 +787,18 @@ class Scheduler:
 
     # ---- finish: the stop rule and the outputs -------------------------------------------
     def _check_finished(self, req: Req, tok: int) -> FinishReason | None:
+        """Why the request ends with `tok`, just appended, if it does; a grammar is fed the
+        token here (every emitted token passes once, plain or speculated) and ends it when
+        it terminates."""
+        reason = self._stop_reason(req, tok)
+        grammar = req.row.grammar
+        if grammar is not None and reason is None:
+            grammar.accept_token(tok)
+            if grammar.is_terminated():
+                reason = FinishStop(tok)
+        return reason
+
+    def _stop_reason(self, req: Req, tok: int) -> FinishReason | None:
         p = req.params
         n_out = len(req.output_ids)
         if n_out >= p.min_new_tokens:
