@@ -42,10 +42,10 @@ class ServerArgs:
     quantization: str = _f(
         "auto",
         "CPU weight quantization: int4 = weight-only int4 for decode batches of up to 8 "
-        "(exact for a Q4 GGUF, bfloat16 activations); int8 = int8 weights and dynamic int8 "
-        "activations (fbgemm) for every batch and the LM head; auto = chosen per CPU class "
-        "(int4 where bfloat16 is native, int8 on AVX2/AVX-512 without bfloat16, none for an "
-        "explicit float32: the exact mode); see docs/engine.md",
+        "(exact for a Q4 GGUF; radixserve's own kernel where the C compiler builds it, "
+        "torch's otherwise); int8 = int8 weights and dynamic int8 activations (fbgemm) for "
+        "every batch and the LM head; auto = chosen per CPU class (int4 for a 4-bit GGUF on "
+        "AVX2 and up, none for an explicit float32: the exact mode); see docs/engine.md",
         ("auto", "none", "int4", "int8"),
     )
     cpu_threads: int = _f(

@@ -41,6 +41,7 @@ class CpuPath:
     dtype: str
     quantization: str
     reason: str
+    int4_kernel: str = ""  # which int4 matmul serves which decode rows (int4 only)
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
@@ -148,6 +149,23 @@ def choose(
             f"--quantization int8 needs fbgemm on an x86 CPU with AVX2 (this one: {capability})"
         )
     path = CpuPath(
-        klass, capability, str(dtype).removeprefix("torch."), quant, "; ".join(reasons) or "asked"
+        klass,
+        capability,
+        str(dtype).removeprefix("torch."),
+        quant,
+        "; ".join(reasons) or "asked",
+        int4_kernel_choice() if quant == "int4" else "",
     )
     return dtype, quant, path
+
+
+def int4_kernel_choice() -> str:
+    """Which int4 matmul serves which decode batch sizes here (layers/int4_cpu.py)."""
+    from radixserve.layers import int4_cpu
+
+    rows = int4_cpu.max_rows()
+    if rows == 0:
+        return f"torch's int4 kernel (radixserve's: {int4_cpu.available()[1]})"
+    if rows >= 8:
+        return "radixserve's int4 kernel for 1-8 rows"
+    return f"radixserve's int4 kernel for 1-{rows} rows, torch's for {rows + 1}-8"

@@ -148,10 +148,11 @@ class ModelRunner:
         self._quantize()
         if self.cpu_path is not None:
             logger.info(
-                "CPU path: class %s (torch %s), %s, quantization %s: %s",
+                "CPU path: class %s (torch %s), %s, quantization %s: %s%s",
                 *(self.cpu_path.cpu_class, self.cpu_path.capability, self.cpu_path.dtype),
                 self.cpu_path.quantization,
                 self.cpu_path.reason,
+                f"; {self.cpu_path.int4_kernel}" if self.cpu_path.int4_kernel else "",
             )
         self.vocab_size = cfg.vocab_size
         # every rank must hold the same slots: the smallest budget of all ranks wins

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radixserve.layers import int4_cpu
 from radixserve.layers.lora import LoraBatch, LoraSlots
 from radixserve.layers.parallel import (
     all_gather_last_dim,
@@ -45,16 +46,11 @@ def pack_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     n, k = weight.shape
     if weight.device.type != "cpu" or k % INT4_GROUP or n % 8:
         return None
-    groups = weight.detach().float().reshape(n, k // INT4_GROUP, INT4_GROUP)
-    low = groups.amin(-1, keepdim=True)
-    scale = (groups.amax(-1, keepdim=True) - low) / 15
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = ((groups - low) / safe).round_().clamp_(0, 15).to(torch.int32).reshape(n, k)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    q, scale, low = int4_cpu.quantize_groups(weight)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
     # the kernel computes (q - 8) * scale + zero
-    zero = low + 8 * scale
-    scales_zeros = torch.cat([scale, zero], -1).transpose(0, 1).contiguous()  # [k/G, n, 2]
-    return packed, scales_zeros.to(torch.bfloat16)
+    scales_zeros = torch.stack([scale, low + 8 * scale], -1).transpose(0, 1).contiguous()
+    return packed, scales_zeros.to(torch.bfloat16)  # [k/G, n, 2]
 
 
 def pack_int8_dynamic(weight: torch.Tensor) -> torch.Tensor | None:
@@ -90,6 +86,7 @@ class LinearBase(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.int4: tuple[torch.Tensor, torch.Tensor] | None = None
         self.int8: torch.Tensor | None = None
+        self.int4_kernel: int4_cpu.Int4Weight | None = None  # radixserve's, see int4_cpu
         self.lora: LoraSlots | None = None  # adapter slots, with --enable-lora
 
     def with_lora(self, out: torch.Tensor, x: torch.Tensor, lora: LoraBatch | None):
@@ -100,8 +97,13 @@ class LinearBase(nn.Module):
         return self.lora.add_delta(out, x, lora)
 
     def quantize_int4(self) -> bool:
-        self.int4 = pack_int4(self.weight)
-        return self.int4 is not None
+        """int4 copies for small batches: radixserve's kernel for the rows it wins at, torch's
+        for the rest (the dense weight stays for large batches)."""
+        if int4_cpu.max_rows():
+            self.int4_kernel = int4_cpu.pack(self.weight)
+        if int4_cpu.max_rows() < SMALL_BATCH_ROWS or self.int4_kernel is None:
+            self.int4 = pack_int4(self.weight)
+        return self.int4 is not None or self.int4_kernel is not None
 
     def quantize_int8(self) -> bool:
         """Replace the dense weight by fbgemm's int8 one: it serves every batch size."""
@@ -113,6 +115,9 @@ class LinearBase(nn.Module):
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.int8 is not None:
             out = int8_dynamic_mm(x, self.int8)
+            return out + bias if bias is not None else out
+        if self.int4_kernel is not None and x.shape[0] <= int4_cpu.max_rows():
+            out = int4_cpu.mm(x, self.int4_kernel)
             return out + bias if bias is not None else out
         if self.int4 is not None and x.shape[0] <= SMALL_BATCH_ROWS:
             packed, scales_zeros = self.int4
