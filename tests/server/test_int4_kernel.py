@@ -120,3 +120,26 @@ def test_builds_into_the_cache_once(tmp_path):
     stamp = built[0].stat().st_mtime_ns
     _probe({"XDG_CACHE_HOME": str(tmp_path)})
     assert built[0].stat().st_mtime_ns == stamp  # loaded from the cache, not rebuilt
+
+
+def test_avx2_build_gives_the_same_bits(tmp_path):
+    """The AVX2 build (what ATEN_CPU_CAPABILITY=avx2 and AVX2 CPUs get) and the build this
+    machine uses (VNNI where there is one) do the same integer sums: equal outputs."""
+    w = grid_weight(96, 576, seed=7)
+    x = torch.randn(5, 576)
+    torch.save((w, x), tmp_path / "case.pt")
+    code = (
+        "import torch; from radixserve.layers import int4_cpu; "
+        f"w, x = torch.load({str(tmp_path / 'case.pt')!r}); "
+        "assert int4_cpu._flags() == int4_cpu.FLAGS, int4_cpu._flags(); "
+        f"torch.save(int4_cpu.mm(x, int4_cpu.pack(w)), {str(tmp_path / 'out.pt')!r})"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert torch.equal(torch.load(tmp_path / "out.pt"), int4_cpu.mm(x, int4_cpu.pack(w)))

@@ -36,6 +36,17 @@ ROW_BLOCK = 8  # output rows per block of the packed layout
 RECORD = 160  # bytes per block and group: 128 of nibbles, 8 float16 scales, 8 minimums
 SOURCE = Path(__file__).with_name("csrc") / "int4_gemm.c"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+# where torch dispatches AVX-512 and the CPU has VNNI: one instruction per multiply-add-add
+VNNI_FLAGS = ["-mavx512f", "-mavx512vl", "-mavx512vnni"]
+
+
+def _flags() -> list[str]:
+    """AVX2 everywhere; the VNNI build only where torch itself runs AVX-512 (so a restricted
+    ATEN_CPU_CAPABILITY=avx2 measures the AVX2 class's kernel) and the CPU has VNNI."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith("AVX512") and torch.cpu._is_vnni_supported():
+        return FLAGS + VNNI_FLAGS
+    return FLAGS
 
 
 def _cache_dir() -> Path:
@@ -47,12 +58,12 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
 
 
-def _build(cc: str) -> Path:
+def _build(cc: str, flags: list[str]) -> Path:
     """The compiled library, from the cache or compiled now (atomically, so processes that
     start together never load a half-written file)."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
     key = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.stdout.encode()
+        SOURCE.read_bytes() + " ".join(flags).encode() + version.stdout.encode()
     ).hexdigest()[:16]
     target = _cache_dir() / f"int4_gemm-{key}.so"
     if target.exists():
@@ -62,7 +73,7 @@ def _build(cc: str) -> Path:
     os.close(fd)
     try:
         done = subprocess.run(
-            [cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120
+            [cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120
         )
         if done.returncode != 0:
             raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-400:]}")
@@ -86,7 +97,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     if cc is None:
         return None, "no C compiler (cc or gcc, or $CC) to build it"
     try:
-        lib = ctypes.CDLL(str(_build(cc)))
+        lib = ctypes.CDLL(str(_build(cc, _flags())))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return None, f"it did not build: {e}"
     fn = lib.int4_gemm
@@ -107,12 +118,16 @@ def available() -> tuple[bool, str]:
 @functools.cache
 def max_rows() -> int:
     """Rows up to which this kernel beats torch's int4 kernel (0: not available). Measured
-    per SmolLM2 layer on one thread: at AVX-512 dispatch torch's is as fast from two rows
-    up (4 rows: 316 us against 348), at AVX2 dispatch this one wins up to eight rows (8 rows:
-    688 us against 1,160)."""
+    per SmolLM2 layer (`bench/int4_kernel.py`): with VNNI and at AVX2 dispatch it wins up to
+    eight rows; at AVX-512 dispatch without VNNI torch's AVX-512 kernel is as fast from two
+    rows up (4 rows: 316 us against the AVX2 build's 348)."""
     if not available()[0]:
         return 0
-    return 1 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
+    if VNNI_FLAGS[-1] in _flags() or not torch.backends.cpu.get_cpu_capability().startswith(
+        "AVX512"
+    ):
+        return 8
+    return 1
 
 
 @dataclass

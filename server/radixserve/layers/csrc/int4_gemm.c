@@ -119,11 +119,19 @@ static inline __attribute__((always_inline)) void block_rows(
             __m256i he = _mm256_and_si256(hi, even), hod = _mm256_srli_epi16(hi, 8);
             for (int r = 0; r < ROWS; r++) {
                 const int32_t *xp = (const int32_t *)(xq + (size_t)(r0 + r) * K + (size_t)g * 32) + 4 * t;
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+                /* the VNNI build: multiply, pair-add and accumulate in one instruction */
+                s32[r] = _mm256_dpwssd_epi32(s32[r], le, _mm256_set1_epi32(xp[0]));
+                s32[r] = _mm256_dpwssd_epi32(s32[r], lod, _mm256_set1_epi32(xp[1]));
+                s32[r] = _mm256_dpwssd_epi32(s32[r], he, _mm256_set1_epi32(xp[2]));
+                s32[r] = _mm256_dpwssd_epi32(s32[r], hod, _mm256_set1_epi32(xp[3]));
+#else
                 __m256i a = _mm256_madd_epi16(le, _mm256_set1_epi32(xp[0]));
                 a = _mm256_add_epi32(a, _mm256_madd_epi16(lod, _mm256_set1_epi32(xp[1])));
                 a = _mm256_add_epi32(a, _mm256_madd_epi16(he, _mm256_set1_epi32(xp[2])));
                 a = _mm256_add_epi32(a, _mm256_madd_epi16(hod, _mm256_set1_epi32(xp[3])));
                 s32[r] = _mm256_add_epi32(s32[r], a);
+#endif
             }
         }
         __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + 128)));
