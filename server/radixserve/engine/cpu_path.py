@@ -12,10 +12,10 @@ figures.
 - avx512 / avx2: no native bfloat16 (Zen 2/3, Haswell to Skylake, Skylake-SP, Ice Lake).
   bfloat16 matmuls are emulated (slower than float32), so float32 stays the dtype of every
   activation, norm, attention and large batch. But a decode step at a few rows is bound by
-  reading the weights, and torch's int4 kernel reads a eighth of float32's bytes: for a
-  4-bit GGUF the same exact int4 copy as on the bf16 class serves batches of up to 8 rows
-  (its input rounded to bfloat16 inside the kernel) with the int8 LM head. Measured with
-  the ISA restricted to AVX2: a batch-1 decode step 1.8x faster than float32, and its
+  reading the weights, and an int4 copy is an eighth of float32's bytes: for a 4-bit GGUF
+  the same exact int4 copy as on the bf16 class serves batches of up to 8 rows with the
+  int8 LM head, through radixserve's int4 kernel (layers/int4_cpu.py: int16 activations,
+  integer multiply-adds; float32 in and out), or torch's where it cannot be built. Its
   teacher-forced agreement with float32 is at least llama.cpp's (docs/engine.md).
   `--quantization int8` (fbgemm's dynamic int8, one activation scale per tensor) stays an
   opt-in: its agreement measured 49% (Zen 3), far below llama.cpp's per-block Q8.
