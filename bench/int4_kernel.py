@@ -1,5 +1,5 @@
 """radixserve's int4 kernel against torch's, per SmolLM2-135M layer and decode batch size:
-the figures behind `int4_cpu.max_rows()` (docs/engine.md, "radixserve's int4 kernel").
+the figures behind `cpu_kernels.max_rows()` (docs/engine.md, "radixserve's int4 kernel").
 
     .venv/bin/python bench/int4_kernel.py [--threads 1 2] [--rows 1 2 4 8]
 
@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 
-from radixserve.layers import int4_cpu  # noqa: E402
+from radixserve.layers import cpu_kernels  # noqa: E402
 from radixserve.layers.linear import INT4_GROUP, pack_int4  # noqa: E402
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
@@ -44,25 +44,27 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8])
     a = ap.parse_args()
-    ok, why = int4_cpu.available()
+    ok, why = cpu_kernels.available()
     if not ok:
         sys.exit(f"radixserve's int4 kernel is not available here: {why}")
     capability = torch.backends.cpu.get_cpu_capability()
     dtype = torch.bfloat16 if capability.startswith("AVX512") else torch.float32
-    print(f"torch dispatch {capability}, activations {dtype}, kernel rows: 1-{int4_cpu.max_rows()}")
+    print(
+        f"torch dispatch {capability}, activations {dtype}, kernel rows: 1-{cpu_kernels.max_rows()}"
+    )
     print("| threads | rows | radixserve us/layer | torch us/layer | torch / radixserve |")
     print("|---|---|---|---|---|")
     weights = []
     for n, k in SHAPES.values():
         w = torch.randn(n, k) * 0.02
-        weights.append((int4_cpu.pack(w), pack_int4(w), k))
+        weights.append((cpu_kernels.pack(w), pack_int4(w), k))
     for threads in a.threads:
         torch.set_num_threads(threads)
         for rows in a.rows:
             ours = theirs = 0.0
             for packed, (tp, scales), k in weights:
                 x = torch.randn(rows, k).to(dtype)
-                ours += best_us(lambda x=x, p=packed: int4_cpu.mm(x, p))
+                ours += best_us(lambda x=x, p=packed: cpu_kernels.mm(x, p))
                 theirs += best_us(
                     lambda x=x, tp=tp, s=scales: torch.ops.aten._weight_int4pack_mm_for_cpu(
                         x.to(torch.bfloat16), tp, INT4_GROUP, s

@@ -14,7 +14,7 @@ figures.
   activation, norm, attention and large batch. But a decode step at a few rows is bound by
   reading the weights, and an int4 copy is an eighth of float32's bytes: for a 4-bit GGUF
   the same exact int4 copy as on the bf16 class serves batches of up to 8 rows with the
-  int8 LM head, through radixserve's int4 kernel (layers/int4_cpu.py: int16 activations,
+  int8 LM head, through radixserve's int4 kernel (layers/cpu_kernels.py: int16 activations,
   integer multiply-adds; float32 in and out), or torch's where it cannot be built. Its
   teacher-forced agreement with float32 is at least llama.cpp's (docs/engine.md).
   `--quantization int8` (fbgemm's dynamic int8, one activation scale per tensor) stays an
@@ -160,12 +160,12 @@ def choose(
 
 
 def int4_kernel_choice() -> str:
-    """Which int4 matmul serves which decode batch sizes here (layers/int4_cpu.py)."""
-    from radixserve.layers import int4_cpu
+    """Which int4 matmul serves which decode batch sizes here (layers/cpu_kernels.py)."""
+    from radixserve.layers import cpu_kernels
 
-    rows = int4_cpu.max_rows()
+    rows = cpu_kernels.max_rows()
     if rows == 0:
-        return f"torch's int4 kernel (radixserve's: {int4_cpu.available()[1]})"
+        return f"torch's int4 kernel (radixserve's: {cpu_kernels.available()[1]})"
     if rows >= 8:
         return "radixserve's int4 kernel for 1-8 rows"
     return f"radixserve's int4 kernel for 1-{rows} rows, torch's for {rows + 1}-8"

@@ -20,11 +20,11 @@ import torch
 from radixserve.config import ServerArgs
 from radixserve.engine import cpu_path
 from radixserve.engine.lora import LoraManager, resolve_lora_source
-from radixserve.layers import parallel
+from radixserve.layers import cpu_kernels, parallel
 from radixserve.layers.attention import ForwardBatch, KVPool, create_attention_backend
 from radixserve.layers.linear import LinearBase
 from radixserve.models import model_class
-from radixserve.models.llama import LlamaForCausalLM
+from radixserve.models.llama import LlamaForCausalLM, RMSNorm
 from radixserve.models.loader import (
     ModelSource,
     gguf_linear_type,
@@ -249,6 +249,12 @@ class ModelRunner:
     def _quantize_int4(self) -> None:
         linears = [m for m in self.model.modules() if isinstance(m, LinearBase)]
         packed = sum(m.quantize_int4() for m in linears)
+        if cpu_kernels.available()[0]:  # the norms and one stream's attention too
+            for m in self.model.modules():
+                if isinstance(m, RMSNorm):
+                    m.cpu_kernel = True
+            if self.backend_name == "torch":
+                self.backend.cpu_kernel = True
         # the tied embedding is the head when the model has no lm_head of its own
         getattr(self.model, "lm_head", self.model.embed_tokens).quantize_int8()
         logger.info("int4 weights for %d of %d linear layers, int8 LM head", packed, len(linears))

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radixserve.layers import int4_cpu
+from radixserve.layers import cpu_kernels
 from radixserve.layers.lora import LoraBatch, LoraSlots
 from radixserve.layers.parallel import (
     all_gather_last_dim,
@@ -46,7 +46,7 @@ def pack_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     n, k = weight.shape
     if weight.device.type != "cpu" or k % INT4_GROUP or n % 8:
         return None
-    q, scale, low = int4_cpu.quantize_groups(weight)
+    q, scale, low = cpu_kernels.quantize_groups(weight)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
     # the kernel computes (q - 8) * scale + zero
     scales_zeros = torch.stack([scale, low + 8 * scale], -1).transpose(0, 1).contiguous()
@@ -86,7 +86,7 @@ class LinearBase(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.int4: tuple[torch.Tensor, torch.Tensor] | None = None
         self.int8: torch.Tensor | None = None
-        self.int4_kernel: int4_cpu.Int4Weight | None = None  # radixserve's, see int4_cpu
+        self.int4_kernel: cpu_kernels.Int4Weight | None = None  # radixserve's, see cpu_kernels
         self.lora: LoraSlots | None = None  # adapter slots, with --enable-lora
 
     def with_lora(self, out: torch.Tensor, x: torch.Tensor, lora: LoraBatch | None):
@@ -99,9 +99,9 @@ class LinearBase(nn.Module):
     def quantize_int4(self) -> bool:
         """int4 copies for small batches: radixserve's kernel for the rows it wins at, torch's
         for the rest (the dense weight stays for large batches)."""
-        if int4_cpu.max_rows():
-            self.int4_kernel = int4_cpu.pack(self.weight)
-        if int4_cpu.max_rows() < SMALL_BATCH_ROWS or self.int4_kernel is None:
+        if cpu_kernels.max_rows():
+            self.int4_kernel = cpu_kernels.pack(self.weight)
+        if cpu_kernels.max_rows() < SMALL_BATCH_ROWS or self.int4_kernel is None:
             self.int4 = pack_int4(self.weight)
         return self.int4 is not None or self.int4_kernel is not None
 
@@ -116,8 +116,8 @@ class LinearBase(nn.Module):
         if self.int8 is not None:
             out = int8_dynamic_mm(x, self.int8)
             return out + bias if bias is not None else out
-        if self.int4_kernel is not None and x.shape[0] <= int4_cpu.max_rows():
-            out = int4_cpu.mm(x, self.int4_kernel)
+        if self.int4_kernel is not None and x.shape[0] <= cpu_kernels.max_rows():
+            out = cpu_kernels.mm(x, self.int4_kernel)
             return out + bias if bias is not None else out
         if self.int4 is not None and x.shape[0] <= SMALL_BATCH_ROWS:
             packed, scales_zeros = self.int4

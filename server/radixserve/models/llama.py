@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radixserve.layers import cpu_kernels
 from radixserve.layers.attention import AttentionBackend, ForwardBatch
 from radixserve.layers.linear import (
+    SMALL_BATCH_ROWS,
     ColumnParallelLinear,
     ParallelLMHead,
     RowParallelLinear,
@@ -38,11 +40,27 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
         self.weight32: torch.Tensor | None = None  # float32 copy, made once after loading
+        # radixserve's CPU kernel for decode batches (set with the int4 path, which is lossy
+        # anyway: its float32 sums run in another order than torch's)
+        self.cpu_kernel = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """RMSNorm of x, after `x += delta` in place when a delta is given (the residual
+        stream's add, fused with the norm that reads it)."""
+        w = self.weight32 if self.weight32 is not None else self.weight.float()
+        if (
+            self.cpu_kernel
+            and x.dim() == 2
+            and x.shape[0] <= SMALL_BATCH_ROWS
+            and x.dtype == torch.float32
+            and x.is_contiguous()
+            and x.shape[1] % 8 == 0
+        ):
+            return cpu_kernels.add_rms_norm(x, delta, w, self.eps, self.weight.dtype)
+        if delta is not None:
+            x.add_(delta)
         # computed in float32 as the reference does; the result is in the weights' dtype,
         # so a float32 residual stream feeds bfloat16 matmuls
-        w = self.weight32 if self.weight32 is not None else self.weight.float()
         return F.rms_norm(x.float(), (x.shape[-1],), w, self.eps).to(self.weight.dtype)
 
 
@@ -105,7 +123,10 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(self.inter, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x, lora).split(self.inter, dim=-1)
+        gate_up = self.gate_up_proj(x, lora)
+        if self.gate_up_proj.int4_kernel is not None and x.shape[0] <= SMALL_BATCH_ROWS:
+            return self.down_proj(cpu_kernels.silu_mul(gate_up), lora)  # one call, not three
+        gate, up = gate_up.split(self.inter, dim=-1)
         return self.down_proj(F.silu(gate) * up, lora)
 
 
@@ -122,8 +143,9 @@ class DecoderLayer(nn.Module):
         # bfloat16 loses enough precision to flip greedy tokens between batch shapes
         # in place: the stream is this forward's own tensor (adding a bfloat16 update to a
         # float32 tensor in place promotes it without a separate conversion)
-        x = x.add_(self.self_attn(self.input_layernorm(x), batch))
-        return x.add_(self.mlp(self.post_attention_layernorm(x), batch.metadata.get("lora")))
+        # the attention's output joins the stream inside the second norm
+        h = self.post_attention_layernorm(x, self.self_attn(self.input_layernorm(x), batch))
+        return x.add_(self.mlp(h, batch.metadata.get("lora")))
 
 
 class LlamaForCausalLM(nn.Module):

@@ -12,6 +12,7 @@ from itertools import accumulate
 import torch
 import torch.nn.functional as F
 
+from radixserve.layers import cpu_kernels
 from radixserve.layers.attention.base import AttentionBackend, ForwardBatch
 
 
@@ -125,6 +126,9 @@ def _decode_attention(
 class TorchAttentionBackend(AttentionBackend):
     kv_head_major = True
     supports_window_and_sinks = True
+    # radixserve's CPU kernel for one decoding request (set with the int4 path; its float32
+    # sums run in another order than torch's)
+    cpu_kernel = False
 
     def init_forward(self, batch: ForwardBatch) -> None:
         device = batch.input_ids.device
@@ -182,6 +186,19 @@ class TorchAttentionBackend(AttentionBackend):
             )
         batch.metadata["torch"] = md
 
+    def _kernel_fits(self, q, pool, window, sinks) -> bool:
+        """radixserve's CPU decode attention takes this layer: no window or sinks, float32 or
+        bfloat16, a head size it vectorises."""
+        return (
+            self.cpu_kernel
+            and window is None
+            and sinks is None
+            and q.dtype in (torch.float32, torch.bfloat16)
+            and pool.dtype in (torch.float32, torch.bfloat16)
+            and q.shape[-1] % 8 == 0
+            and q.shape[-1] <= 256
+        )
+
     @staticmethod
     def _windowed(md: dict, window: int, device: torch.device) -> dict:
         """The step's masks narrowed to a sliding window: built on the first layer that asks
@@ -237,12 +254,19 @@ class TorchAttentionBackend(AttentionBackend):
                 outs.append(o[md["prefill_q_valid"]])
         if batch.batch_size > batch.num_prefill_reqs:
             pad = masks["decode_pad"]
-            if "decode_run" in md:
+            if "decode_run" in md and self._kernel_fits(q, pool, window, sinks):
+                first, n = md["decode_run"]
+                o = cpu_kernels.decode_attention(
+                    q[npt], pool.k_buffer[layer_id], pool.v_buffer[layer_id], first, n, scale
+                )
+                outs.append(o[None])
+            elif "decode_run" in md:
                 first, n = md["decode_run"]
                 kd = pool.k_buffer[layer_id][:, first : first + n].unsqueeze(1)
                 vd = pool.v_buffer[layer_id][:, first : first + n].unsqueeze(1)
                 pad = pad if window is not None else None  # one request: nothing padded
+                outs.append(_decode_attention(q[npt:], kd, vd, pad, scale, sinks))
             else:
                 kd, vd = pool.gather(layer_id, md["decode_table"])
-            outs.append(_decode_attention(q[npt:], kd, vd, pad, scale, sinks))
+                outs.append(_decode_attention(q[npt:], kd, vd, pad, scale, sinks))
         return outs[0] if len(outs) == 1 else torch.cat(outs, 0)

@@ -1,6 +1,6 @@
-"""radixserve's own CPU int4 matmul (csrc/int4_gemm.c) for the decode step of
-`--quantization int4`: compiled once per machine with the C compiler already there, loaded
-with ctypes.
+"""radixserve's own CPU kernels (csrc/cpu_kernels.c) for the decode step of
+`--quantization int4`: an int4 matmul, and the residual add + RMSNorm and SiLU x up around
+it, compiled once per machine with the C compiler already there, loaded with ctypes.
 
 Why: torch's CPU int4 kernel turns each weight into a float before multiplying; at one row
 that arithmetic bounds it, and at AVX2 dispatch it does so up to eight rows. This kernel
@@ -34,7 +34,7 @@ import torch
 GROUP = 32
 ROW_BLOCK = 8  # output rows per block of the packed layout
 RECORD = 160  # bytes per block and group: 128 of nibbles, 8 float16 scales, 8 minimums
-SOURCE = Path(__file__).with_name("csrc") / "int4_gemm.c"
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 # where torch dispatches AVX-512 and the CPU has VNNI: one instruction per multiply-add-add
 VNNI_FLAGS = ["-mavx512f", "-mavx512vl", "-mavx512vnni"]
@@ -65,7 +65,7 @@ def _build(cc: str, flags: list[str]) -> Path:
     key = hashlib.sha256(
         SOURCE.read_bytes() + " ".join(flags).encode() + version.stdout.encode()
     ).hexdigest()[:16]
-    target = _cache_dir() / f"int4_gemm-{key}.so"
+    target = _cache_dir() / f"cpu_kernels-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -73,7 +73,10 @@ def _build(cc: str, flags: list[str]) -> Path:
     os.close(fd)
     try:
         done = subprocess.run(
-            [cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120
+            [cc, *flags, "-o", tmp, str(SOURCE), "-lm"],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         if done.returncode != 0:
             raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-400:]}")
@@ -106,6 +109,21 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
     fn.restype = ctypes.c_int
+    lib.add_rms_norm.argtypes = [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+        ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
+    ]  # fmt: skip
+    lib.add_rms_norm.restype = None
+    lib.silu_mul.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p
+    ]  # fmt: skip
+    lib.silu_mul.restype = None
+    lib.decode_attention.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+        ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+        ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
+    ]  # fmt: skip
+    lib.decode_attention.restype = ctypes.c_int
     return lib, "ok"
 
 
@@ -132,7 +150,7 @@ def max_rows() -> int:
 
 @dataclass
 class Int4Weight:
-    """A linear weight in the kernel's layout: [N/8, K/32, 160] bytes (see csrc/int4_gemm.c)."""
+    """A linear weight in the kernel's layout: [N/8, K/32, 160] bytes (see csrc/cpu_kernels.c)."""
 
     records: torch.Tensor
     out_features: int
@@ -199,4 +217,60 @@ def mm(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("radixserve's int4 kernel: out of scratch memory")
+    return out
+
+
+def _lib() -> ctypes.CDLL:
+    lib, why = _library()
+    if lib is None:
+        raise RuntimeError(f"radixserve's CPU kernels are not available: {why}")
+    return lib
+
+
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float, dtype
+) -> torch.Tensor:
+    """x += delta in place (x: contiguous float32 [M, H]), then RMSNorm(x) * weight (float32)
+    in `dtype` (float32 or bfloat16): one call for torch's add, norm and cast."""
+    out = torch.empty(x.shape, dtype=dtype)
+    if delta is not None:
+        delta = delta.contiguous()
+        if delta.dtype not in (torch.float32, torch.bfloat16):
+            delta = delta.float()
+    _lib().add_rms_norm(
+        x.data_ptr(), None if delta is None else delta.data_ptr(),
+        int(delta is not None and delta.dtype == torch.bfloat16), weight.data_ptr(),
+        x.shape[0], x.shape[1], eps, out.data_ptr(), int(dtype == torch.bfloat16),
+    )  # fmt: skip
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up [M, 2I] (float32 or bfloat16), in its dtype."""
+    gate_up = gate_up.contiguous()
+    m, two_i = gate_up.shape
+    out = torch.empty(m, two_i // 2, dtype=gate_up.dtype)
+    bf16 = int(gate_up.dtype == torch.bfloat16)
+    _lib().silu_mul(gate_up.data_ptr(), bf16, m, two_i // 2, out.data_ptr())
+    return out
+
+
+def decode_attention(
+    q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, first: int, n: int,
+    scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """One decoding request's attention, q [Hq, D], over pool slots [first, first + n) of
+    head-major K/V buffers [Hkv, slots, D]: the torch path's gather, casts, two batched
+    matmuls and softmax in one call. Returns [Hq, D] in q's dtype."""
+    q = q.contiguous()
+    hq, d = q.shape
+    hkv = k_buffer.shape[0]
+    out = torch.empty(hq, d, dtype=q.dtype)
+    rc = _lib().decode_attention(
+        q.data_ptr(), int(q.dtype == torch.bfloat16), k_buffer.data_ptr(), v_buffer.data_ptr(),
+        int(k_buffer.dtype == torch.bfloat16), k_buffer.stride(0), first, n, hq, hkv, d, scale,
+        out.data_ptr(), int(q.dtype == torch.bfloat16),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("radixserve's decode attention: out of scratch memory")
     return out

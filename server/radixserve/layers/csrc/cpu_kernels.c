@@ -1,5 +1,5 @@
 /* Int4 weights times a few rows of activations on x86 (AVX2, FMA, F16C): the CPU decode
-   step's matmul (layers/int4_cpu.py builds and loads it).
+   step's matmul (layers/cpu_kernels.py builds and loads it).
 
    Why a kernel of our own: torch's CPU int4 matmul turns every weight into a float before
    multiplying, and at one row that arithmetic, not memory, bounds it (at AVX2 dispatch, at
@@ -20,6 +20,7 @@
    their exact float sum, which multiplies the minimum:
    sum_i w_i x_i = d * sum_i q_i x_i + m * sum_i x_i ~ d * dx * sum_i q_i xq_i + m * sum_i x_i. */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -184,6 +185,112 @@ int int4_gemm(const void *x, int x_bf16, int M, int K, const uint8_t *w, int N, 
             default: block_rows(wb, G, K, N, xq, xd, xs, r0, 4, nb, out, out_bf16); break;
             }
         }
+    }
+    return 0;
+}
+
+/* The element-wise steps around the matmuls of a decode step, one call each instead of
+   torch's five to seven operations (each of which costs more in dispatch than in work at
+   a few rows of 576). */
+
+static inline void store8(void *out, int bf16, size_t at, __m256 y) {
+    if (bf16) {
+        float tmp[8];
+        _mm256_storeu_ps(tmp, y);
+        for (int j = 0; j < 8; j++) ((uint16_t *)out)[at + j] = f32_to_bf16(tmp[j]);
+    } else {
+        _mm256_storeu_ps((float *)out + at, y);
+    }
+}
+
+/* x [M, H] float32, in place: x += delta (float32 or bfloat16; none when delta is NULL),
+   then out = x / sqrt(mean(x^2) + eps) * w, in float32 or bfloat16. H is a multiple of 8. */
+void add_rms_norm(float *x, const void *delta, int delta_bf16, const float *w, int M, int H,
+                  float eps, void *out, int out_bf16) {
+    for (int r = 0; r < M; r++) {
+        float *xr = x + (size_t)r * H;
+        __m256 ss = _mm256_setzero_ps();
+        for (int i = 0; i < H; i += 8) {
+            __m256 v = _mm256_loadu_ps(xr + i);
+            if (delta) {
+                v = _mm256_add_ps(v, load8(delta, delta_bf16, (size_t)r * H + i));
+                _mm256_storeu_ps(xr + i, v);
+            }
+            ss = _mm256_fmadd_ps(v, v, ss);
+        }
+        __m256 inv = _mm256_set1_ps(1.f / sqrtf(hsum(ss) / (float)H + eps));
+        for (int i = 0; i < H; i += 8) {
+            __m256 y = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), inv), _mm256_loadu_ps(w + i));
+            store8(out, out_bf16, (size_t)r * H + i, y);
+        }
+    }
+}
+
+/* gate_up [M, 2I] (gate, then up) -> out [M, I] = silu(gate) * up, in the input's dtype
+   (float32 or bfloat16). I is a multiple of 8. */
+void silu_mul(const void *gate_up, int bf16, int M, int I, void *out) {
+    for (int r = 0; r < M; r++) {
+        size_t row = (size_t)r * 2 * I;
+        for (int i = 0; i < I; i += 8) {
+            __m256 g = load8(gate_up, bf16, row + i), u = load8(gate_up, bf16, row + I + i);
+            float gs[8];
+            _mm256_storeu_ps(gs, g);
+            /* rounded to bfloat16 before the product when the input is, as torch does */
+            for (int j = 0; j < 8; j++) {
+                gs[j] = gs[j] / (1.f + expf(-gs[j]));
+                if (bf16) gs[j] = bf16_to_f32(f32_to_bf16(gs[j]));
+            }
+            store8(out, bf16, (size_t)r * I + i, _mm256_mul_ps(_mm256_loadu_ps(gs), u));
+        }
+    }
+}
+
+static __thread float *att_scratch;
+static __thread size_t att_scratch_size;
+
+/* Attention of one decoding request over its n cached positions, which lie in one run of
+   the pool's slots [first, first + n): q [Hq, D]; the K and V buffers head-major
+   [Hkv, slots, D] (float32 or bfloat16), head_stride elements apart; out [Hq, D]. float32
+   scores and softmax, as the torch path computes them at short contexts. D is a multiple
+   of 8 and at most 256. Returns 0, or -1 when scratch memory is short. */
+int decode_attention(const void *q, int q_bf16, const void *kbuf, const void *vbuf, int kv_bf16,
+                     long head_stride, long first, int n, int Hq, int Hkv, int D, float scale,
+                     void *out, int out_bf16) {
+    if ((size_t)n > att_scratch_size) {
+        free(att_scratch);
+        att_scratch = malloc(sizeof(float) * (size_t)n);
+        att_scratch_size = att_scratch ? (size_t)n : 0;
+        if (!att_scratch) return -1;
+    }
+    float *p = att_scratch;
+    int group = Hq / Hkv;
+    for (int hq = 0; hq < Hq; hq++) {
+        int h = hq / group;
+        size_t base = (size_t)h * head_stride + (size_t)first * D;
+        __m256 qv[32];
+        for (int i = 0; i < D; i += 8) qv[i / 8] = load8(q, q_bf16, (size_t)hq * D + i);
+        float mx = -INFINITY;
+        for (int t = 0; t < n; t++) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int i = 0; i < D; i += 8)
+                acc = _mm256_fmadd_ps(qv[i / 8], load8(kbuf, kv_bf16, base + (size_t)t * D + i), acc);
+            p[t] = hsum(acc) * scale;
+            mx = p[t] > mx ? p[t] : mx;
+        }
+        float sum = 0.f;
+        for (int t = 0; t < n; t++) {
+            p[t] = expf(p[t] - mx);
+            sum += p[t];
+        }
+        __m256 o[32];
+        for (int i = 0; i < D; i += 8) o[i / 8] = _mm256_setzero_ps();
+        for (int t = 0; t < n; t++) {
+            __m256 pt = _mm256_set1_ps(p[t]);
+            for (int i = 0; i < D; i += 8)
+                o[i / 8] = _mm256_fmadd_ps(pt, load8(vbuf, kv_bf16, base + (size_t)t * D + i), o[i / 8]);
+        }
+        __m256 inv = _mm256_set1_ps(1.f / sum);
+        for (int i = 0; i < D; i += 8) store8(out, out_bf16, (size_t)hq * D + i, _mm256_mul_ps(o[i / 8], inv));
     }
     return 0;
 }
