@@ -168,7 +168,7 @@ class TorchAttentionBackend(AttentionBackend):
                 md["prefill_q_index"] = q_index.to(device)
                 md["prefill_q_valid"] = q_valid.reshape(-1).to(device)
         nd = batch.batch_size - np_
-        if nd == 1 and device.type == "cpu":
+        if nd == 1 and device.type == "cpu" and batch.kv_pool.head_major:
             # a single stream whose slots are one run (the allocator hands them out in
             # order): each layer reads its K/V as a view of the pool, without a gather
             slots = batch.req_slots[np_]
