@@ -13,7 +13,12 @@ import torch
 import torch.nn.functional as F
 from radixserve.layers import cpu_kernels
 from radixserve.layers.attention.torch_backend import _decode_attention
-from radixserve.layers.linear import SMALL_BATCH_ROWS, ColumnParallelLinear
+from radixserve.layers.linear import (
+    SMALL_BATCH_ROWS,
+    ColumnParallelLinear,
+    VocabParallelEmbedding,
+    lm_logits,
+)
 
 pytestmark = pytest.mark.skipif(
     not cpu_kernels.available()[0],
@@ -189,3 +194,22 @@ def test_decode_attention_matches_the_torch_path(dtype, n):
     assert got.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 8e-3
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+def test_int4_lm_head_rescores_its_leaders_exactly():
+    """The int4 head's approximate logits pick the leaders; their logits, and so the greedy
+    token, come back exact (float32 from the dense rows)."""
+    head = VocabParallelEmbedding(4096, 64)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(4096, 64, generator=g))
+    assert head.quantize_int4()
+    rows = min(cpu_kernels.max_rows(), 4)
+    hidden = head.weight[torch.tensor([5, 900, 4000, 17])[:rows]].detach() * 0.5
+    hidden += torch.randn(hidden.shape, generator=g) * 0.3
+    got = lm_logits(hidden, head)
+    dense = hidden @ head.weight.t()
+    assert torch.equal(got.argmax(-1), dense.argmax(-1))
+    top = dense.topk(4, dim=-1).indices
+    torch.testing.assert_close(got.gather(-1, top), dense.gather(-1, top), rtol=1e-6, atol=1e-5)
+    assert not torch.equal(got, dense)  # the rest of the vocabulary is the int4 estimate

@@ -22,7 +22,7 @@ from radixserve.engine import cpu_path
 from radixserve.engine.lora import LoraManager, resolve_lora_source
 from radixserve.layers import cpu_kernels, parallel
 from radixserve.layers.attention import ForwardBatch, KVPool, create_attention_backend
-from radixserve.layers.linear import LinearBase
+from radixserve.layers.linear import SMALL_BATCH_ROWS, LinearBase
 from radixserve.models import model_class
 from radixserve.models.llama import LlamaForCausalLM, RMSNorm
 from radixserve.models.loader import (
@@ -256,8 +256,18 @@ class ModelRunner:
             if self.backend_name == "torch":
                 self.backend.cpu_kernel = True
         # the tied embedding is the head when the model has no lm_head of its own
-        getattr(self.model, "lm_head", self.model.embed_tokens).quantize_int8()
-        logger.info("int4 weights for %d of %d linear layers, int8 LM head", packed, len(linears))
+        head = getattr(self.model, "lm_head", self.model.embed_tokens)
+        # radixserve's int4 head where its kernel serves every small batch (half the int8
+        # copy's bytes; both are rescored in float32, so the greedy token stays exact)
+        int4_head = head.quantize_int4() and cpu_kernels.max_rows() >= SMALL_BATCH_ROWS
+        if not int4_head:
+            head.quantize_int8()
+        logger.info(
+            "int4 weights for %d of %d linear layers, %s LM head",
+            packed,
+            len(linears),
+            "int4" if int4_head else "int8",
+        )
 
     def _quantize_int8(self) -> None:
         linears = [m for m in self.model.modules() if isinstance(m, LinearBase)]

@@ -162,12 +162,26 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.vocab_end - self.vocab_start, hidden_size))
         self.int8: tuple[torch.Tensor, torch.Tensor] | None = None
         self.int8_dynamic: torch.Tensor | None = None
+        self.int4_kernel: cpu_kernels.Int4Weight | None = None
 
     def quantize_int8_dynamic(self) -> bool:
         """fbgemm int8 copy of the head for every batch size (the dense weight stays: it is
         also the embedding table when tied)."""
         self.int8_dynamic = pack_int8_dynamic(self.weight)
         return self.int8_dynamic is not None
+
+    def quantize_int4(self) -> bool:
+        """int4 copy (groups of 32, radixserve's kernel) for scoring small batches: half the
+        int8 copy's bytes; lossy, like it, and rescored the same way (lm_logits)."""
+        if cpu_kernels.max_rows():
+            self.int4_kernel = cpu_kernels.pack(self.weight)
+        if (
+            self.int4_kernel is not None
+            and self.int8 is not None
+            and (cpu_kernels.max_rows() >= SMALL_BATCH_ROWS)
+        ):
+            self.int8 = None  # the int4 copy serves every small batch
+        return self.int4_kernel is not None
 
     def quantize_int8(self) -> bool:
         """Per-row int8 copy for scoring small batches: the head is the largest single
@@ -212,6 +226,8 @@ def lm_logits(hidden: torch.Tensor, head: VocabParallelEmbedding) -> torch.Tenso
     approximate = True
     if head.int8_dynamic is not None:
         local = int8_dynamic_mm(hidden, head.int8_dynamic)
+    elif head.int4_kernel is not None and hidden.shape[0] <= cpu_kernels.max_rows():
+        local = cpu_kernels.mm(hidden, head.int4_kernel)
     elif head.int8 is not None and hidden.shape[0] <= SMALL_BATCH_ROWS:
         q, scale = head.int8
         local = torch.ops.aten._weight_int8pack_mm(hidden.to(torch.bfloat16), q, scale)
