@@ -135,7 +135,7 @@ def choose(
         if not exact_mode and dtype == native_dtype and int4_exact and int4_available():
             quant = "int4"
             reasons.append(
-                "the 4-bit GGUF packs into int4 exactly: int4 weights and an int8 LM head "
+                "the 4-bit GGUF packs into int4 exactly: int4 weights and a quantized LM head "
                 "for decode batches of up to 8 rows"
             )
         else:
@@ -167,5 +167,11 @@ def int4_kernel_choice() -> str:
     if rows == 0:
         return f"torch's int4 kernel (radixserve's: {cpu_kernels.available()[1]})"
     if rows >= 8:
-        return "radixserve's int4 kernel for 1-8 rows"
-    return f"radixserve's int4 kernel for 1-{rows} rows, torch's for {rows + 1}-8"
+        return (
+            "radixserve's CPU kernels for decode batches of 1-8 rows: int4 matmuls and an int4 "
+            "LM head (rescored in float32), fused norms, one stream's attention"
+        )
+    return (
+        f"radixserve's int4 kernel for 1-{rows} rows, torch's for {rows + 1}-8; radixserve's "
+        "fused norms and one stream's attention"
+    )
