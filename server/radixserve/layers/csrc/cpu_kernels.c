@@ -48,6 +48,16 @@ static inline __m256 load8(const void *x, int x_bf16, size_t at) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
+static inline void store8(void *out, int bf16, size_t at, __m256 y) {
+    if (bf16) {
+        float tmp[8];
+        _mm256_storeu_ps(tmp, y);
+        for (int j = 0; j < 8; j++) ((uint16_t *)out)[at + j] = f32_to_bf16(tmp[j]);
+    } else {
+        _mm256_storeu_ps((float *)out + at, y);
+    }
+}
+
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -143,17 +153,8 @@ static inline __attribute__((always_inline)) void block_rows(
             accm[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(xs[rg]), accm[r]);
         }
     }
-    for (int r = 0; r < ROWS; r++) {
-        __m256 y = _mm256_add_ps(acc[r], accm[r]);
-        size_t at = (size_t)(r0 + r) * N + (size_t)nb * 8;
-        if (out_bf16) {
-            float tmp[8];
-            _mm256_storeu_ps(tmp, y);
-            for (int j = 0; j < 8; j++) ((uint16_t *)out)[at + j] = f32_to_bf16(tmp[j]);
-        } else {
-            _mm256_storeu_ps((float *)out + at, y);
-        }
-    }
+    for (int r = 0; r < ROWS; r++)
+        store8(out, out_bf16, (size_t)(r0 + r) * N + (size_t)nb * 8, _mm256_add_ps(acc[r], accm[r]));
 }
 
 /* out[M, N] = x[M, K] @ W^T; x and out are float32, or bfloat16 where the flags say so.
@@ -192,16 +193,6 @@ int int4_gemm(const void *x, int x_bf16, int M, int K, const uint8_t *w, int N, 
 /* The element-wise steps around the matmuls of a decode step, one call each instead of
    torch's five to seven operations (each of which costs more in dispatch than in work at
    a few rows of 576). */
-
-static inline void store8(void *out, int bf16, size_t at, __m256 y) {
-    if (bf16) {
-        float tmp[8];
-        _mm256_storeu_ps(tmp, y);
-        for (int j = 0; j < 8; j++) ((uint16_t *)out)[at + j] = f32_to_bf16(tmp[j]);
-    } else {
-        _mm256_storeu_ps((float *)out + at, y);
-    }
-}
 
 /* x [M, H] float32, in place: x += delta (float32 or bfloat16; none when delta is NULL),
    then out = x / sqrt(mean(x^2) + eps) * w, in float32 or bfloat16. H is a multiple of 8. */
