@@ -33,7 +33,13 @@ Scatters are avoided on purpose: torch's CPU `index_add_` on bfloat16 rows took 
 16-adapter decode step's CPU time in torch's profiler. A "stacked" form (every row against
 every resident adapter in one matmul, masked to its own row's) was measured and dropped:
 three calls, but its matmuls grow with the number of adapters and cost as much as the
-base matmul at 16 (bench/lora_delta.py times the forms per step shape).
+base matmul at 16 (bench/lora_delta.py times the forms per step shape). Measured again
+with one expand per part (no zero blocks) and the weights in mkldnn's packed bfloat16
+layout (a plain bfloat16 matmul reorders its weight on every call): 18% below the
+grouped form on one layer's weights (hot in cache), 14% on 30 layers' (cold), and no
+gain in a whole 32-row decode step (131 against 129 ms, one thread): both forms are
+bound by reading the adapters' weights there. Dropped; it would also keep a packed copy
+of every adapter.
 Rows of the base model (slot -1) take no LoRA work: outside the segments, or reading a
 zero row of the buffer.
 
@@ -54,6 +60,9 @@ import math
 import torch
 
 SHORT_SEGMENT = 8  # a request of at most this many rows at the step's end joins the batched forms
+# CPU steps on at most this many torch threads compute the delta on one (measured on 2 cores;
+# with more, splitting its matmuls likely pays, and nothing was measured there)
+ONE_THREAD_STEPS = 2
 
 
 class LoraBatch:
@@ -200,7 +209,7 @@ class LoraSlots:
         """out += x @ A^T @ B^T per row, with each row's adapter; in place. On the CPU on
         one torch thread (see the module docstring)."""
         threads = torch.get_num_threads() if out.device.type == "cpu" else 1
-        if threads == 1:
+        if not 1 < threads <= ONE_THREAD_STEPS:
             return self._add_delta(out, x, lb)
         torch.set_num_threads(1)
         try:
