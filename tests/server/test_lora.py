@@ -472,31 +472,3 @@ def test_plan_picks_the_cheap_form():
     lb = LoraBatch.build([1, 1, 2, -1, 2, 2], [50, 30, 20, 9, 1, 1], ranks, "cpu")
     assert lb.segments == [(0, 80, 1, 16), (80, 100, 2, 16)]
     assert lb.start == 109 and lb.mode == "single"
-
-
-class _ThreadsSeen(LoraSlots):
-    """Records how many torch threads the delta ran on."""
-
-    def _add_delta(self, out, x, lb):
-        self.threads = torch.get_num_threads()
-        return super()._add_delta(out, x, lb)
-
-
-def test_delta_runs_on_one_thread_and_gives_the_step_its_threads_back():
-    ranks = dict.fromkeys(range(4), 8)
-    slots = _ThreadsSeen(4, 8, 16, [6, 4], torch.float32, "cpu")
-    for s in ranks:
-        for part, out in enumerate((6, 4)):
-            slots.write(s, part, torch.randn(8, 16), torch.randn(out, 8))
-    lb = LoraBatch.build([0, 1, 2, 3], [1] * 4, ranks, "cpu")
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        x = torch.randn(4, 16)
-        got = slots.add_delta(torch.zeros(4, 10), x, lb)
-        assert slots.threads == 1 and torch.get_num_threads() == 2
-        want = torch.zeros(4, 10)
-        LoraSlots._add_delta(slots, want, x, lb)
-        torch.testing.assert_close(got, want)
-    finally:
-        torch.set_num_threads(before)

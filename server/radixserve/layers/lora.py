@@ -43,14 +43,15 @@ of every adapter.
 Rows of the base model (slot -1) take no LoRA work: outside the segments, or reading a
 zero row of the buffer.
 
-Threads: the delta runs on one torch thread even in a step that has more. Its calls are
-small (a 32-row decode step makes ~1,000 of them), each parallel region costs a fork and a
-join, and on a loaded machine (the engine shares its cores with the HTTP process and the
-client) a join waits for a thread that lost its core. Measured in process on the 2-core
-VM, a 32-row decode step with 16 adapters: 0.68x the base step with the delta on two
-threads, 0.75x on one; a prefill of 32 x 128 tokens 0.71x and 0.79x (bench/lora_step.py).
-The delta's own cost is then mostly reading the adapters' weights: 16 adapters of rank 16
-on all seven projections are 156 MB a step in bfloat16, read at ~4-6 GB/s on that VM.
+Threads: the delta runs on the step's threads. One thread for it (a toggle around each
+call) was measured and not kept: with other processes loading the 2-core VM it served
+16 adapters at 0.70-0.72x instead of 0.63-0.65x (the joins of its ~1,000 small parallel
+regions a step wait for a thread that lost its core), but on the quiet machine, the
+goal's condition, ~4% fewer tokens a second at 16 adapters (three pairs; the results
+README's "Multi-LoRA"). In a whole decode step the delta is mostly reading the adapters'
+weights: 16 adapters of rank 16 on all seven projections are 156 MB a step in bfloat16,
+read at ~4-6 GB/s a core on that VM, and with the second core free two threads read it
+faster (in process: 0.66x the base step against 0.62x on one thread).
 """
 
 from __future__ import annotations
@@ -60,9 +61,6 @@ import math
 import torch
 
 SHORT_SEGMENT = 8  # a request of at most this many rows at the step's end joins the batched forms
-# CPU steps on at most this many torch threads compute the delta on one (measured on 2 cores;
-# with more, splitting its matmuls likely pays, and nothing was measured there)
-ONE_THREAD_STEPS = 2
 
 
 class LoraBatch:
@@ -206,18 +204,7 @@ class LoraSlots:
         out.view(n, -1, self.chunk).transpose(0, 1).baddbmm_(sc, bc)
 
     def add_delta(self, out: torch.Tensor, x: torch.Tensor, lb: LoraBatch) -> torch.Tensor:
-        """out += x @ A^T @ B^T per row, with each row's adapter; in place. On the CPU on
-        one torch thread (see the module docstring)."""
-        threads = torch.get_num_threads() if out.device.type == "cpu" else 1
-        if not 1 < threads <= ONE_THREAD_STEPS:
-            return self._add_delta(out, x, lb)
-        torch.set_num_threads(1)
-        try:
-            return self._add_delta(out, x, lb)
-        finally:
-            torch.set_num_threads(threads)
-
-    def _add_delta(self, out: torch.Tensor, x: torch.Tensor, lb: LoraBatch) -> torch.Tensor:
+        """out += x @ A^T @ B^T per row, with each row's adapter; in place."""
         for start, end, slot, rank in lb.segments:
             self._segment(out[start:end], x[start:end], slot, rank)
         if lb.mode == "none":
