@@ -159,7 +159,8 @@ class Int4Weight:
 
 def quantize_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q in [0, 15] as uint8 [N, K], scale [N, K/32], minimum [N, K/32]): w = scale * q + min
-    per group of 32 inputs; exact for weights that came from 4-bit GGUF blocks."""
+    per group of 32 inputs, fitted from the group's minimum and maximum; exact for a 4-bit
+    GGUF block that uses its lowest and highest level (as Q4_1's quantizer makes it do)."""
     n, k = weight.shape
     groups = weight.detach().float().reshape(n, k // GROUP, GROUP)
     low = groups.amin(-1)

@@ -42,7 +42,8 @@ SMALL_BATCH_ROWS = 8
 
 def pack_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(packed weight, scales and zeros) for torch's CPU int4 matmul, or None where the
-    shape does not fit its kernel. Exact for weights that came from 4-bit GGUF blocks."""
+    shape does not fit its kernel. Exact for 4-bit GGUF blocks that use their lowest and
+    highest level (cpu_kernels.quantize_groups)."""
     n, k = weight.shape
     if weight.device.type != "cpu" or k % INT4_GROUP or n % 8:
         return None
