@@ -176,12 +176,6 @@ class VocabParallelEmbedding(nn.Module):
         int8 copy's bytes; lossy, like it, and rescored the same way (lm_logits)."""
         if cpu_kernels.max_rows():
             self.int4_kernel = cpu_kernels.pack(self.weight)
-        if (
-            self.int4_kernel is not None
-            and self.int8 is not None
-            and (cpu_kernels.max_rows() >= SMALL_BATCH_ROWS)
-        ):
-            self.int8 = None  # the int4 copy serves every small batch
         return self.int4_kernel is not None
 
     def quantize_int8(self) -> bool:

@@ -177,7 +177,9 @@ class TorchAttentionBackend(AttentionBackend):
                 slots, torch.arange(first, first + n, dtype=slots.dtype)
             ):
                 md["decode_run"] = (first, n)
-        if nd:
+                md["decode_lens"] = torch.tensor([n])
+                md["decode_pad"] = torch.zeros(1, n, dtype=torch.bool)  # for a window only
+        if nd and "decode_run" not in md:
             table, kv_lens = _slot_table(batch.req_slots[np_:], device)
             md["decode_table"] = table
             md["decode_lens"] = kv_lens
@@ -254,19 +256,19 @@ class TorchAttentionBackend(AttentionBackend):
                 outs.append(o[md["prefill_q_valid"]])
         if batch.batch_size > batch.num_prefill_reqs:
             pad = masks["decode_pad"]
-            if "decode_run" in md and self._kernel_fits(q, pool, window, sinks):
+            if "decode_run" not in md:
+                kd, vd = pool.gather(layer_id, md["decode_table"])
+                outs.append(_decode_attention(q[npt:], kd, vd, pad, scale, sinks))
+            elif self._kernel_fits(q, pool, window, sinks):
                 first, n = md["decode_run"]
-                o = cpu_kernels.decode_attention(
-                    q[npt], pool.k_buffer[layer_id], pool.v_buffer[layer_id], first, n, scale
+                k_buf, v_buf = pool.k_buffer[layer_id], pool.v_buffer[layer_id]
+                outs.append(
+                    cpu_kernels.decode_attention(q[npt], k_buf, v_buf, first, n, scale)[None]
                 )
-                outs.append(o[None])
-            elif "decode_run" in md:
+            else:
                 first, n = md["decode_run"]
                 kd = pool.k_buffer[layer_id][:, first : first + n].unsqueeze(1)
                 vd = pool.v_buffer[layer_id][:, first : first + n].unsqueeze(1)
                 pad = pad if window is not None else None  # one request: nothing padded
-                outs.append(_decode_attention(q[npt:], kd, vd, pad, scale, sinks))
-            else:
-                kd, vd = pool.gather(layer_id, md["decode_table"])
                 outs.append(_decode_attention(q[npt:], kd, vd, pad, scale, sinks))
         return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
