@@ -138,7 +138,8 @@ def max_rows() -> int:
     """Rows up to which this kernel beats torch's int4 kernel (0: not available). Measured
     per SmolLM2 layer (`bench/int4_kernel.py`): with VNNI and at AVX2 dispatch it wins up to
     eight rows; at AVX-512 dispatch without VNNI torch's AVX-512 kernel is as fast from two
-    rows up (4 rows: 316 us against the AVX2 build's 348)."""
+    rows up (4 rows: 316 us against the AVX2 build's 348, measured at AVX-512 dispatch
+    before the VNNI build existed)."""
     if not available()[0]:
         return 0
     if VNNI_FLAGS[-1] in _flags() or not torch.backends.cpu.get_cpu_capability().startswith(
