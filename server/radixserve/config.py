@@ -53,9 +53,10 @@ class ServerArgs:
     )
     cpu_single_thread_tokens: int = _f(
         1,
-        "CPU: forward steps of at most this many tokens (a single stream's decode step) run "
-        "their layers on one torch thread (the LM head keeps --cpu-threads), leaving the "
-        "other cores to the HTTP process and the client; 0 = always --cpu-threads; see "
+        "CPU: forward steps of at most this many tokens (a single stream's decode step) that "
+        "run layer by layer do so on one torch thread (the LM head keeps --cpu-threads), "
+        "leaving the other cores to the HTTP process and the client; a decode step in one "
+        "call of radixserve's kernels keeps --cpu-threads; 0 = always --cpu-threads; see "
         "docs/engine.md",
     )
     device: str = _f("auto", "auto = cuda when available, else cpu", ("auto", "cuda", "cpu"))

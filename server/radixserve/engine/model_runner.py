@@ -20,7 +20,7 @@ import torch
 from radixserve.config import ServerArgs
 from radixserve.engine import cpu_path
 from radixserve.engine.lora import LoraManager, resolve_lora_source
-from radixserve.layers import cpu_kernels, parallel
+from radixserve.layers import cpu_decode, cpu_kernels, parallel
 from radixserve.layers.attention import ForwardBatch, KVPool, create_attention_backend
 from radixserve.layers.linear import SMALL_BATCH_ROWS, LinearBase
 from radixserve.models import model_class
@@ -255,6 +255,14 @@ class ModelRunner:
                     m.cpu_kernel = True
             if self.backend_name == "torch":
                 self.backend.cpu_kernel = True
+            why = cpu_decode.why_not(self.model)
+            if why is None:
+                self.model.fused_decode = cpu_decode.FusedDecode(self.model)
+            logger.info(
+                "decode steps: %s",
+                "every layer in one call to radixserve's kernels" if why is None
+                else f"layer by layer ({why})",
+            )  # fmt: skip
         # the tied embedding is the head when the model has no lm_head of its own
         head = getattr(self.model, "lm_head", self.model.embed_tokens)
         # radixserve's int4 head where its kernel serves every small batch (half the int8
@@ -353,11 +361,14 @@ class ModelRunner:
         engine's threads sleep after a short spin, prepare_engine_env), and that thread
         competes with the HTTP process and the client. The LM head after them, one
         memory-bound matmul of several milliseconds, keeps every thread. Measured on 2
-        cores in docs/engine.md ("One thread for a single stream")."""
+        cores in docs/engine.md ("One thread for a single stream"). A model whose decode
+        steps run as one call (layers/cpu_decode.py) keeps every thread: there one parallel
+        region spans the step, and its threads never sleep between operations."""
         threads = torch.get_num_threads()
         if (
             self.device != "cpu"
             or threads == 1
+            or getattr(self.model, "fused_decode", None) is not None
             or batch.input_ids.numel() > self.args.cpu_single_thread_tokens
         ):
             yield

@@ -124,6 +124,13 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
     lib.decode_attention.restype = ctypes.c_int
+    lib.decode_layers.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_int,
+        ctypes.c_int, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+    ]  # fmt: skip
+    lib.decode_layers.restype = ctypes.c_int
     return lib, "ok"
 
 
@@ -222,7 +229,7 @@ def mm(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
     return out
 
 
-def _lib() -> ctypes.CDLL:
+def lib() -> ctypes.CDLL:
     lib, why = _library()
     if lib is None:
         raise RuntimeError(f"radixserve's CPU kernels are not available: {why}")
@@ -239,7 +246,7 @@ def add_rms_norm(
         delta = delta.contiguous()
         if delta.dtype not in (torch.float32, torch.bfloat16):
             delta = delta.float()
-    _lib().add_rms_norm(
+    lib().add_rms_norm(
         x.data_ptr(), None if delta is None else delta.data_ptr(),
         int(delta is not None and delta.dtype == torch.bfloat16), weight.data_ptr(),
         x.shape[0], x.shape[1], eps, out.data_ptr(), int(dtype == torch.bfloat16),
@@ -253,7 +260,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     m, two_i = gate_up.shape
     out = torch.empty(m, two_i // 2, dtype=gate_up.dtype)
     bf16 = int(gate_up.dtype == torch.bfloat16)
-    _lib().silu_mul(gate_up.data_ptr(), bf16, m, two_i // 2, out.data_ptr())
+    lib().silu_mul(gate_up.data_ptr(), bf16, m, two_i // 2, out.data_ptr())
     return out
 
 
@@ -268,7 +275,7 @@ def decode_attention(
     hq, d = q.shape
     hkv = k_buffer.shape[0]
     out = torch.empty(hq, d, dtype=q.dtype)
-    rc = _lib().decode_attention(
+    rc = lib().decode_attention(
         q.data_ptr(), int(q.dtype == torch.bfloat16), k_buffer.data_ptr(), v_buffer.data_ptr(),
         int(k_buffer.dtype == torch.bfloat16), k_buffer.stride(0), first, n, hq, hkv, d, scale,
         out.data_ptr(), int(q.dtype == torch.bfloat16),

@@ -149,6 +149,9 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    # layers/cpu_decode.FusedDecode where the int4 CPU path runs decode steps in one call
+    fused_decode = None
+
     def __init__(self, config, backend: AttentionBackend, max_positions: int) -> None:
         super().__init__()
         if config.model_type not in SUPPORTED_MODEL_TYPES:
@@ -173,6 +176,8 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Hidden states after the final norm, one row per token of the step."""
         x = self.embed_tokens(batch.input_ids).float()
+        if self.fused_decode is not None and self.fused_decode.run(x, batch):
+            return self.norm(x)  # every layer in one call (a decode step on the int4 path)
         batch.metadata["rope"] = self.rotary.lookup(batch.positions, self.embed_tokens.weight.dtype)
         for layer in self.layers:
             x = layer(x, batch)

@@ -20,6 +20,7 @@
    their exact float sum, which multiplies the minimum:
    sum_i w_i x_i = d * sum_i q_i x_i + m * sum_i x_i ~ d * dx * sum_i q_i xq_i + m * sum_i x_i. */
 #include <immintrin.h>
+#include <omp.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -157,25 +158,12 @@ static inline __attribute__((always_inline)) void block_rows(
         store8(out, out_bf16, (size_t)(r0 + r) * N + (size_t)nb * 8, _mm256_add_ps(acc[r], accm[r]));
 }
 
-/* out[M, N] = x[M, K] @ W^T; x and out are float32, or bfloat16 where the flags say so.
-   K is a multiple of 32 and N of 8. Returns 0, or -1 when scratch memory is short. */
-int int4_gemm(const void *x, int x_bf16, int M, int K, const uint8_t *w, int N, void *out,
-              int out_bf16) {
+/* The blocks of 8 output rows split over the threads of the enclosing OpenMP region (an
+   orphaned worksharing loop: on the calling thread alone outside one). */
+static void gemm_blocks(const int16_t *xq, const float *xd, const float *xs, int M, int K,
+                        const uint8_t *w, int N, void *out, int out_bf16) {
     int G = K / 32;
-    size_t xq_bytes = ((size_t)M * K * 2 + 63) / 64 * 64;
-    size_t need = xq_bytes + 2 * sizeof(float) * (size_t)M * G;
-    if (need > scratch_size) {
-        free(scratch);
-        scratch = aligned_alloc(64, (need + 63) / 64 * 64);
-        scratch_size = scratch ? need : 0;
-        if (!scratch) return -1;
-    }
-    int16_t *xq = (int16_t *)scratch;
-    float *xd = (float *)(scratch + xq_bytes), *xs = xd + (size_t)M * G;
-    quantize(x, x_bf16, M, K, xq, xd, xs);
-    /* blocks of rows split over the OpenMP threads torch uses (the same libgomp: torch's
-       set_num_threads sets them); small products stay on the calling thread */
-#pragma omp parallel for schedule(static) if ((size_t)M * N * K >= (1u << 21))
+#pragma omp for schedule(static)
     for (int nb = 0; nb < N / 8; nb++) {
         const uint8_t *wb = w + (size_t)nb * G * 160;
         for (int r0 = 0; r0 < M; r0 += 4) {
@@ -187,6 +175,33 @@ int int4_gemm(const void *x, int x_bf16, int M, int K, const uint8_t *w, int N, 
             }
         }
     }
+}
+
+/* Bytes of the quantized activations of M rows of K inputs, and their scales and sums. */
+static size_t quant_bytes(int M, int K) {
+    return ((size_t)M * K * 2 + 63) / 64 * 64 + 2 * sizeof(float) * (size_t)M * (K / 32);
+}
+
+/* out[M, N] = x[M, K] @ W^T; x and out are float32, or bfloat16 where the flags say so.
+   K is a multiple of 32 and N of 8. Returns 0, or -1 when scratch memory is short. */
+int int4_gemm(const void *x, int x_bf16, int M, int K, const uint8_t *w, int N, void *out,
+              int out_bf16) {
+    int G = K / 32;
+    size_t xq_bytes = ((size_t)M * K * 2 + 63) / 64 * 64;
+    size_t need = quant_bytes(M, K);
+    if (need > scratch_size) {
+        free(scratch);
+        scratch = aligned_alloc(64, (need + 63) / 64 * 64);
+        scratch_size = scratch ? need : 0;
+        if (!scratch) return -1;
+    }
+    int16_t *xq = (int16_t *)scratch;
+    float *xd = (float *)(scratch + xq_bytes), *xs = xd + (size_t)M * G;
+    quantize(x, x_bf16, M, K, xq, xd, xs);
+    /* blocks of rows split over the OpenMP threads torch uses (the same libgomp: torch's
+       set_num_threads sets them); small products stay on the calling thread */
+#pragma omp parallel if ((size_t)M * N * K >= (1u << 21))
+    gemm_blocks(xq, xd, xs, M, K, w, N, out, out_bf16);
     return 0;
 }
 
@@ -236,6 +251,39 @@ void silu_mul(const void *gate_up, int bf16, int M, int I, void *out) {
     }
 }
 
+/* One query head's attention over n cached positions: slot t is slots[t], or first + t
+   without a slot list. p is scratch for n scores. */
+static void attend_head(const void *q, int q_bf16, const void *kbuf, const void *vbuf,
+                        int kv_bf16, long head_stride, long first, const long *slots, int n,
+                        int hq, int group, int D, float scale, void *out, int out_bf16,
+                        float *p) {
+    size_t head = (size_t)(hq / group) * head_stride;
+    __m256 qv[32];
+    for (int i = 0; i < D; i += 8) qv[i / 8] = load8(q, q_bf16, (size_t)hq * D + i);
+    float mx = -INFINITY;
+    for (int t = 0; t < n; t++) {
+        size_t base = head + (size_t)(slots ? slots[t] : first + t) * D;
+        __m256 acc = _mm256_setzero_ps();
+        for (int i = 0; i < D; i += 8) acc = _mm256_fmadd_ps(qv[i / 8], load8(kbuf, kv_bf16, base + i), acc);
+        p[t] = hsum(acc) * scale;
+        mx = p[t] > mx ? p[t] : mx;
+    }
+    float sum = 0.f;
+    for (int t = 0; t < n; t++) {
+        p[t] = expf(p[t] - mx);
+        sum += p[t];
+    }
+    __m256 o[32];
+    for (int i = 0; i < D; i += 8) o[i / 8] = _mm256_setzero_ps();
+    for (int t = 0; t < n; t++) {
+        size_t base = head + (size_t)(slots ? slots[t] : first + t) * D;
+        __m256 pt = _mm256_set1_ps(p[t]);
+        for (int i = 0; i < D; i += 8) o[i / 8] = _mm256_fmadd_ps(pt, load8(vbuf, kv_bf16, base + i), o[i / 8]);
+    }
+    __m256 inv = _mm256_set1_ps(1.f / sum);
+    for (int i = 0; i < D; i += 8) store8(out, out_bf16, (size_t)hq * D + i, _mm256_mul_ps(o[i / 8], inv));
+}
+
 static __thread float *att_scratch;
 static __thread size_t att_scratch_size;
 
@@ -253,35 +301,143 @@ int decode_attention(const void *q, int q_bf16, const void *kbuf, const void *vb
         att_scratch_size = att_scratch ? (size_t)n : 0;
         if (!att_scratch) return -1;
     }
-    float *p = att_scratch;
-    int group = Hq / Hkv;
-    for (int hq = 0; hq < Hq; hq++) {
-        int h = hq / group;
-        size_t base = (size_t)h * head_stride + (size_t)first * D;
-        __m256 qv[32];
-        for (int i = 0; i < D; i += 8) qv[i / 8] = load8(q, q_bf16, (size_t)hq * D + i);
-        float mx = -INFINITY;
-        for (int t = 0; t < n; t++) {
-            __m256 acc = _mm256_setzero_ps();
-            for (int i = 0; i < D; i += 8)
-                acc = _mm256_fmadd_ps(qv[i / 8], load8(kbuf, kv_bf16, base + (size_t)t * D + i), acc);
-            p[t] = hsum(acc) * scale;
-            mx = p[t] > mx ? p[t] : mx;
-        }
-        float sum = 0.f;
-        for (int t = 0; t < n; t++) {
-            p[t] = expf(p[t] - mx);
-            sum += p[t];
-        }
-        __m256 o[32];
-        for (int i = 0; i < D; i += 8) o[i / 8] = _mm256_setzero_ps();
-        for (int t = 0; t < n; t++) {
-            __m256 pt = _mm256_set1_ps(p[t]);
-            for (int i = 0; i < D; i += 8)
-                o[i / 8] = _mm256_fmadd_ps(pt, load8(vbuf, kv_bf16, base + (size_t)t * D + i), o[i / 8]);
-        }
-        __m256 inv = _mm256_set1_ps(1.f / sum);
-        for (int i = 0; i < D; i += 8) store8(out, out_bf16, (size_t)hq * D + i, _mm256_mul_ps(o[i / 8], inv));
+    for (int hq = 0; hq < Hq; hq++)
+        attend_head(q, q_bf16, kbuf, vbuf, kv_bf16, head_stride, first, NULL, n, hq, Hq / Hkv, D,
+                    scale, out, out_bf16, att_scratch);
+    return 0;
+}
+
+/* ---- A whole decode step of a Llama-shaped stack in one call ------------------------------
+   At one to eight rows a SmolLM2 layer is ~10 operations of a few microseconds of work
+   each; from Python every one costs more in dispatch than it computes (about 40% of the
+   single-stream step). Here the layers run back to back on the kernels above, each step
+   rounded to the activations' dtype exactly where torch's path rounds, so the result is
+   the per-operation path's, bit for bit, at one row over one run of slots. */
+
+typedef struct {
+    const uint8_t *qkv, *o, *gate_up, *down; /* int4 records (int4_gemm's layout) */
+    const float *ln_in, *ln_post;            /* RMSNorm weights, float32 */
+    void *k, *v;                             /* this layer's pool buffers [Hkv, slots, D] */
+} layer_weights;
+
+static inline float round_to(float f, int bf16) { return bf16 ? bf16_to_f32(f32_to_bf16(f)) : f; }
+
+static inline float act_get(const void *a, int bf16, size_t i) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)a)[i]) : ((const float *)a)[i];
+}
+
+static inline void act_set(void *a, int bf16, size_t i, float f) {
+    if (bf16) ((uint16_t *)a)[i] = f32_to_bf16(f);
+    else ((float *)a)[i] = f;
+}
+
+/* Activations quantized for gemm_blocks, laid out in one buffer as int4_gemm lays them. */
+typedef struct {
+    int16_t *xq;
+    float *xd, *xs;
+} quantized;
+
+static quantized quantize_to(char *buf, const void *a, int bf16, int M, int K) {
+    quantized q = {(int16_t *)buf, NULL, NULL};
+    q.xd = (float *)(buf + ((size_t)M * K * 2 + 63) / 64 * 64);
+    q.xs = q.xd + (size_t)M * (K / 32);
+    quantize(a, bf16, M, K, q.xq, q.xd, q.xs);
+    return q;
+}
+
+/* x [M, H]: the float32 residual stream, updated in place through all L layers (the final
+   norm stays with the caller). Row r decodes one token at pool slot loc[r], attending over
+   the n[r] pool slots slots[r][0..n[r]) (its own last). cos and sin [M, D]: the rotary tables at each row's position, already in the
+   activations' precision (sin with rotate-half's sign folded in). Activations (act_bf16)
+   and the K/V pool (kv_bf16) are float32 or bfloat16. `threads` share each matmul's blocks
+   of rows and the attention's heads. Returns 0, or -1 when memory is short. */
+int decode_layers(const layer_weights *lw, int L, float *x, int M, int H, int Hq, int Hkv,
+                  int D, int I, float eps, float scale, int act_bf16, int kv_bf16,
+                  long head_stride, const float *cos, const float *sin, const long *loc,
+                  const long *const *slots, const int *n, int threads) {
+    int QKV = (Hq + 2 * Hkv) * D, maxn = 0, widest = QKV > 2 * I ? QKV : 2 * I;
+    for (int r = 0; r < M; r++) maxn = n[r] > maxn ? n[r] : maxn;
+    if (threads < 1) threads = 1;
+    size_t es = act_bf16 ? 2 : 4, per_thread = ((size_t)maxn * sizeof(float) + 63) / 64 * 64;
+    size_t sizes[5] = {(size_t)M * H * es, (size_t)M * widest * es, (size_t)M * Hq * D * es,
+                       (size_t)M * I * es, quant_bytes(M, I > H ? I : H)};
+    size_t total = 0, at[5];
+    for (int i = 0; i < 5; i++) {
+        at[i] = total;
+        total += (sizes[i] + 63) / 64 * 64;
     }
+    char *mem = aligned_alloc(64, total + (size_t)threads * per_thread);
+    if (!mem) return -1;
+    /* h: a norm's output; big: qkv, then gate_up; att: attention's output; act: silu x up,
+       then the down projection's output (added to the stream by the next norm) */
+    void *h = mem + at[0], *big = mem + at[1], *att = mem + at[2], *act = mem + at[3];
+    char *qbuf = mem + at[4];
+    const int group = Hq / Hkv, half = D / 2, heads = Hq + Hkv;
+    /* where the value heads start inside a qkv row */
+    const size_t vof = (size_t)(Hq + Hkv) * D;
+    quantized xq = {0};
+
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        float *p = (float *)(mem + total + (size_t)omp_get_thread_num() * per_thread);
+        for (int l = 0; l < L; l++) {
+            const layer_weights *w = lw + l;
+            /* the previous layer's MLP output joins the stream inside this layer's first norm */
+#pragma omp single
+            {
+                add_rms_norm(x, l ? act : NULL, act_bf16, w->ln_in, M, H, eps, h, act_bf16);
+                xq = quantize_to(qbuf, h, act_bf16, M, H);
+            }
+            gemm_blocks(xq.xq, xq.xd, xq.xs, M, H, w->qkv, QKV, big, act_bf16);
+            /* rotate-half on the query and key heads (x * cos + roll(x) * sin, each product
+               and the sum rounded as torch rounds them), then K and V into the pool */
+#pragma omp for schedule(static)
+            for (int rh = 0; rh < M * heads; rh++) {
+                int r = rh / heads, hd = rh % heads;
+                size_t row = (size_t)r * QKV + (size_t)hd * D;
+                float v[256];
+                for (int i = 0; i < D; i++) v[i] = act_get(big, act_bf16, row + i);
+                for (int i = 0; i < D; i++) {
+                    float c = cos[(size_t)r * D + i], s = sin[(size_t)r * D + i];
+                    float rolled = v[i < half ? i + half : i - half];
+                    float y = round_to(round_to(v[i] * c, act_bf16) + round_to(rolled * s, act_bf16), act_bf16);
+                    act_set(big, act_bf16, row + i, y);
+                }
+                if (hd >= Hq) {
+                    size_t dst = (size_t)(hd - Hq) * head_stride + (size_t)loc[r] * D;
+                    size_t vsrc = (size_t)r * QKV + vof + (size_t)(hd - Hq) * D;
+                    for (int i = 0; i < D; i++) {
+                        act_set(w->k, kv_bf16, dst + i, act_get(big, act_bf16, row + i));
+                        act_set(w->v, kv_bf16, dst + i, act_get(big, act_bf16, vsrc + i));
+                    }
+                }
+            }
+#pragma omp for schedule(static)
+            for (int rh = 0; rh < M * Hq; rh++) {
+                int r = rh / Hq, hq = rh % Hq;
+                attend_head((char *)big + (size_t)r * QKV * es, act_bf16, w->k, w->v, kv_bf16,
+                            head_stride, 0, slots[r], n[r], hq, group, D, scale,
+                            (char *)att + (size_t)r * Hq * D * es, act_bf16, p);
+            }
+#pragma omp single
+            xq = quantize_to(qbuf, att, act_bf16, M, Hq * D);
+            gemm_blocks(xq.xq, xq.xd, xq.xs, M, Hq * D, w->o, H, act, act_bf16);
+#pragma omp single
+            {
+                add_rms_norm(x, act, act_bf16, w->ln_post, M, H, eps, h, act_bf16);
+                xq = quantize_to(qbuf, h, act_bf16, M, H);
+            }
+            gemm_blocks(xq.xq, xq.xd, xq.xs, M, H, w->gate_up, 2 * I, big, act_bf16);
+#pragma omp single
+            {
+                silu_mul(big, act_bf16, M, I, act);
+                xq = quantize_to(qbuf, act, act_bf16, M, I);
+            }
+            gemm_blocks(xq.xq, xq.xd, xq.xs, M, I, w->down, H, act, act_bf16);
+        }
+    }
+    /* the last layer's MLP output */
+    for (size_t i = 0; i < (size_t)M * H; i++) x[i] += act_get(act, act_bf16, i);
+    free(mem);
     return 0;
 }

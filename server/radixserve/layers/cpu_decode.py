@@ -1,0 +1,138 @@
+"""The int4 path's decode step of a Llama-shaped model as one call into radixserve's CPU
+kernels (`decode_layers` in csrc/cpu_kernels.c), instead of ~10 Python-dispatched
+operations per layer.
+
+Why: at one to eight rows each of those operations computes for a few microseconds and
+costs as much again in dispatch; on the default model that overhead was about 40% of the
+single-stream step (cProfile of `bench/decode_step.py`, docs/engine.md). The C loop runs
+the same kernels in the same order and rounds where torch's path rounds, so its result is
+the per-operation path's bit for bit (tests/server/test_cpu_kernels.py checks it).
+
+It takes a step only where everything in it is what the loop computes: a plain Llama or
+Mistral stack (no biases, no Q/K norms, one rank), every projection in the kernel's int4
+layout, the torch backend's head-major pool in float32 or bfloat16, decode rows only (at
+most the kernel's row limit), no LoRA adapter in the batch. Anything else runs the layers
+as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+import torch
+
+from radixserve.layers import cpu_kernels
+from radixserve.layers.attention.base import ForwardBatch
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+class _LayerWeights(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_void_p)
+        for name in ("qkv", "o", "gate_up", "down", "ln_in", "ln_post", "k", "v")
+    ]
+
+
+def why_not(model) -> str | None:
+    """Why this model's decode steps cannot run as one call (None: they can)."""
+    from radixserve.layers.parallel import tp_size
+    from radixserve.models.llama import LlamaForCausalLM
+
+    if type(model) is not LlamaForCausalLM:
+        return f"{type(model).__name__} has layers of its own"
+    if model.config.model_type not in ("llama", "mistral"):
+        return f"model_type {model.config.model_type} adds biases or Q/K norms"
+    if tp_size() != 1:
+        return "tensor parallelism"
+    if cpu_kernels.max_rows() == 0:
+        return "radixserve's kernels are not available"
+    layer = model.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    if attn.head_dim % 8 or attn.head_dim > 256 or attn.num_heads % attn.num_kv_heads:
+        return f"head size {attn.head_dim}"
+    if model.embed_tokens.weight.dtype not in _DTYPES:
+        return f"activations in {model.embed_tokens.weight.dtype}"
+    for layer in model.layers:
+        projs = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, mlp.gate_up_proj)
+        for proj in (*projs, layer.mlp.down_proj):
+            if proj.int4_kernel is None or proj.bias is not None:
+                return "a projection without the kernel's int4 copy, or with a bias"
+    if not attn.backend.cpu_kernel:
+        return "the attention backend is not radixserve's CPU one"
+    return None
+
+
+class FusedDecode:
+    """The pointers `decode_layers` reads, gathered once; the pool's per layer, once per
+    pool."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        layer = model.layers[0]
+        attn = layer.self_attn
+        self.shape = (
+            model.config.hidden_size, attn.num_heads, attn.num_kv_heads, attn.head_dim,
+            layer.mlp.inter,
+        )  # fmt: skip
+        self.eps = float(layer.input_layernorm.eps)
+        self.scale = float(attn.scale)
+        self.dtype = model.embed_tokens.weight.dtype
+        self.layers = (_LayerWeights * len(model.layers))()
+        for entry, layer in zip(self.layers, model.layers, strict=True):
+            a, m = layer.self_attn, layer.mlp
+            entry.qkv = a.qkv_proj.int4_kernel.records.data_ptr()
+            entry.o = a.o_proj.int4_kernel.records.data_ptr()
+            entry.gate_up = m.gate_up_proj.int4_kernel.records.data_ptr()
+            entry.down = m.down_proj.int4_kernel.records.data_ptr()
+            entry.ln_in = layer.input_layernorm.weight32.data_ptr()
+            entry.ln_post = layer.post_attention_layernorm.weight32.data_ptr()
+        self._pool_key: tuple | None = None
+
+    def _bind_pool(self, pool) -> bool:
+        key = (id(pool), pool.k_buffer[0].data_ptr())
+        if key == self._pool_key:
+            return True
+        if not pool.head_major or pool.dtype not in _DTYPES:
+            return False
+        for entry, k, v in zip(self.layers, pool.k_buffer, pool.v_buffer, strict=True):
+            entry.k, entry.v = k.data_ptr(), v.data_ptr()
+        self._pool_key = key
+        self.head_stride = pool.k_buffer[0].stride(0)
+        return True
+
+    def run(self, x: torch.Tensor, batch: ForwardBatch) -> bool:
+        """All layers of a decode step on x (the float32 residual stream, in place); False,
+        touching nothing, where this step is not one the loop computes."""
+        m = x.shape[0]
+        if (
+            batch.num_prefill_reqs
+            or m != batch.batch_size
+            or m > cpu_kernels.max_rows()
+            or batch.metadata.get("lora") is not None
+            or not self._bind_pool(batch.kv_pool)
+        ):
+            return False
+        slots = [s if s.dtype == torch.int64 else s.long() for s in batch.req_slots]
+        slots = [s if s.is_contiguous() else s.contiguous() for s in slots]
+        rotary = self.model.rotary
+        pos = batch.positions
+        cos, sin = rotary.cos[pos], rotary.signed_sin[pos]
+        if self.dtype != torch.float32:  # the tables in the activations' precision
+            cos, sin = cos.to(self.dtype).float(), sin.to(self.dtype).float()
+        loc = batch.out_cache_loc.to(torch.int64).contiguous()
+        h, hq, hkv, d, inter = self.shape
+        bf16 = int(self.dtype == torch.bfloat16)
+        rc = cpu_kernels.lib().decode_layers(
+            self.layers, len(self.layers), x.data_ptr(), m, h, hq, hkv, d, inter, self.eps,
+            self.scale, bf16, int(batch.kv_pool.dtype == torch.bfloat16), self.head_stride,
+            cos.data_ptr(), sin.data_ptr(), loc.data_ptr(),
+            (ctypes.c_void_p * m)(*[s.data_ptr() for s in slots]),
+            (ctypes.c_int * m)(*[s.numel() for s in slots]), torch.get_num_threads(),
+        )  # fmt: skip
+        if rc != 0:
+            raise MemoryError("radixserve's decode step: out of memory for its buffers")
+        return True
