@@ -121,9 +121,31 @@ def test_rows_of_a_batch_are_independent_and_read_only_their_slots(runner):
         runner.pool.free(block)
 
 
+def test_batches_above_eight_rows_are_their_rows_alone(runner):
+    """Above the 8 rows the layer-by-layer path gives its int4 kernel, the one-call step
+    still computes each row as it would alone (the matmul takes rows four at a time)."""
+    n = 11
+    block = runner.pool.alloc(n * 9)
+    slots = [block[i::n][: 5 + i % 4] for i in range(n)]
+    try:
+        batch = decode_batch(runner, slots, seed=7)
+        ours, _ = hidden(runner, batch, fused=True)
+        for i in (0, 6, 10):
+            s = slots[i]
+            one = ForwardBatch(
+                input_ids=batch.input_ids[i : i + 1], positions=batch.positions[i : i + 1],
+                out_cache_loc=batch.out_cache_loc[i : i + 1], kv_pool=runner.pool,
+                num_prefill_reqs=0, num_prefill_tokens=0, prefix_lens=[s.numel() - 1],
+                extend_lens=[1], req_slots=[s],
+            )  # fmt: skip
+            assert torch.equal(hidden(runner, one, fused=True)[0][0], ours[i])
+    finally:
+        runner.pool.free(block)
+
+
 def test_steps_it_cannot_compute_are_left_to_the_layers(runner):
     fused = runner.model.fused_decode
-    rows = cpu_kernels.max_rows() + 1
+    rows = cpu_decode.max_rows() + 1
     slots = [runner.pool.alloc(4) for _ in range(rows)]
     try:
         too_many = decode_batch(runner, slots, seed=3)
@@ -134,7 +156,7 @@ def test_steps_it_cannot_compute_are_left_to_the_layers(runner):
         for batch in (too_many, prefill, lora):
             x = torch.randn(batch.batch_size, runner.config.hidden_size)
             before = x.clone()
-            assert not fused.run(x, batch)
+            assert fused.run(x, batch) is None
             assert torch.equal(x, before)
     finally:
         for s in slots:

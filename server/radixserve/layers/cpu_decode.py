@@ -11,7 +11,7 @@ the per-operation path's bit for bit (tests/server/test_cpu_kernels.py checks it
 It takes a step only where everything in it is what the loop computes: a plain Llama or
 Mistral stack (no biases, no Q/K norms, one rank), every projection in the kernel's int4
 layout, the torch backend's head-major pool in float32 or bfloat16, decode rows only (at
-most the kernel's row limit), no LoRA adapter in the batch. Anything else runs the layers
+most `max_rows()`), no LoRA adapter in the batch. Anything else runs the layers
 as before.
 """
 
@@ -28,6 +28,20 @@ from radixserve.layers.attention.base import ForwardBatch
 logger = logging.getLogger(__name__)
 
 _DTYPES = (torch.float32, torch.bfloat16)
+
+# Decode rows up to which the one-call step beats the layer-by-layer one, whose batches
+# above 8 rows run the dense weights (bfloat16 or float32 matmuls). In process, 256 tokens
+# of context, 2 threads (docs/engine.md): bf16 class 66 against 93 ms at 32 rows, 131
+# against 150 at 64; avx2 class (restricted) 94 against 168 at 32. The int4 weights are the
+# GGUF's own 4-bit values, the ones the dense copy holds, so only the activations' int16
+# rounding differs.
+MAX_ROWS = 64
+
+
+def max_rows() -> int:
+    """Where the int4 kernel itself wins only at one row (AVX-512 without VNNI), that row."""
+    rows = cpu_kernels.max_rows()
+    return MAX_ROWS if rows >= 8 else rows
 
 
 class _LayerWeights(ctypes.Structure):
@@ -104,18 +118,19 @@ class FusedDecode:
         self.head_stride = pool.k_buffer[0].stride(0)
         return True
 
-    def run(self, x: torch.Tensor, batch: ForwardBatch) -> bool:
-        """All layers of a decode step on x (the float32 residual stream, in place); False,
-        touching nothing, where this step is not one the loop computes."""
+    def run(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor | None:
+        """All layers of a decode step on x (the float32 residual stream, in place) and the
+        final norm (the kernel's at every row count, so a row comes out the same in any
+        batch); None, touching nothing, where this step is not one the loop computes."""
         m = x.shape[0]
         if (
             batch.num_prefill_reqs
             or m != batch.batch_size
-            or m > cpu_kernels.max_rows()
+            or m > max_rows()
             or batch.metadata.get("lora") is not None
             or not self._bind_pool(batch.kv_pool)
         ):
-            return False
+            return None
         slots = [s if s.dtype == torch.int64 else s.long() for s in batch.req_slots]
         slots = [s if s.is_contiguous() else s.contiguous() for s in slots]
         rotary = self.model.rotary
@@ -135,4 +150,5 @@ class FusedDecode:
         )  # fmt: skip
         if rc != 0:
             raise MemoryError("radixserve's decode step: out of memory for its buffers")
-        return True
+        norm = self.model.norm
+        return cpu_kernels.add_rms_norm(x, None, norm.weight32, norm.eps, self.dtype)

@@ -176,8 +176,10 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Hidden states after the final norm, one row per token of the step."""
         x = self.embed_tokens(batch.input_ids).float()
-        if self.fused_decode is not None and self.fused_decode.run(x, batch):
-            return self.norm(x)  # every layer in one call (a decode step on the int4 path)
+        if self.fused_decode is not None:  # a decode step on the int4 path: one call
+            out = self.fused_decode.run(x, batch)
+            if out is not None:
+                return out
         batch.metadata["rope"] = self.rotary.lookup(batch.positions, self.embed_tokens.weight.dtype)
         for layer in self.layers:
             x = layer(x, batch)
