@@ -2,11 +2,12 @@
 docs/engine.md and bench/results/README.md ("Where a decode step goes").
 
     .venv/bin/python bench/decode_step.py [--paths float32:none float32:int4 ...]
-        [--batches 1 8 32] [--context 256] [--profile]
+        [--batches 1 8 32] [--context 256] [--profile] [--layer-by-layer]
 
 Each path is `dtype:quantization`; every batch runs `--context` tokens of KV per request
 and prints the best of 3 timed runs of 8 steps. `--profile` prints torch's operator table
-for batch 1 of each path. Run it under ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+for batch 1 of each path. `--layer-by-layer` turns off the int4 path's one-call decode
+step (layers/cpu_decode.py), to compare the two. Run it under ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 MKL_ENABLE_INSTRUCTIONS=AVX2 for the AVX2 class.
 """
 
@@ -62,6 +63,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16, 32])
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--layer-by-layer", action="store_true")
     a = ap.parse_args()
     klass, capability = cpu_path.cpu_class()
     print(f"class {klass} (torch {capability}), {torch.get_num_threads()} threads")
@@ -69,6 +71,8 @@ def main() -> None:
         dtype, quant = path.split(":")
         runner = ModelRunner(ServerArgs(device="cpu", dtype=dtype, quantization=quant,
                                         max_total_tokens=(a.context + 1) * max(a.batches)))  # fmt: skip
+        if a.layer_by_layer:
+            runner.model.fused_decode = None
         times = []
         for b in a.batches:
             batch = decode_batch(runner, b, a.context)
