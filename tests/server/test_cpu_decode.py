@@ -29,6 +29,8 @@ def runner(request) -> ModelRunner:
         )
     )  # fmt: skip
     assert r.model.fused_decode is not None, cpu_decode.why_not(r.model)
+    # what the start-up log and /server_info say
+    assert r.cpu_path.decode_step.startswith("every layer in one call")
     return r
 
 
@@ -171,6 +173,7 @@ def test_only_the_int4_path_of_a_plain_llama_takes_it():
         )
     )  # fmt: skip
     assert exact.model.fused_decode is None  # the exact mode stays torch's, layer by layer
+    assert exact.cpu_path.decode_step == ""
     assert "int4" in cpu_decode.why_not(exact.model)
 
 

@@ -42,6 +42,7 @@ class CpuPath:
     quantization: str
     reason: str
     int4_kernel: str = ""  # which int4 matmul serves which decode rows (int4 only)
+    decode_step: str = ""  # in one call of radixserve's kernels, or layer by layer and why
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)

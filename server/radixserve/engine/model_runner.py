@@ -11,6 +11,7 @@ picks reach the other ranks as the next step's input ids, so no rank needs a sam
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Iterator
@@ -258,11 +259,14 @@ class ModelRunner:
             why = cpu_decode.why_not(self.model)
             if why is None:
                 self.model.fused_decode = cpu_decode.FusedDecode(self.model)
-            logger.info(
-                "decode steps: %s",
-                "every layer in one call to radixserve's kernels" if why is None
-                else f"layer by layer ({why})",
-            )  # fmt: skip
+            step = (
+                f"every layer in one call of radixserve's kernels (1-{cpu_decode.max_rows()} rows)"
+                if why is None
+                else f"layer by layer ({why})"
+            )
+            logger.info("decode steps: %s", step)
+            if self.cpu_path is not None:
+                self.cpu_path = dataclasses.replace(self.cpu_path, decode_step=step)
         # the tied embedding is the head when the model has no lm_head of its own
         head = getattr(self.model, "lm_head", self.model.embed_tokens)
         # radixserve's int4 head where its kernel serves every small batch (half the int8
