@@ -190,3 +190,28 @@ def test_a_fused_step_keeps_every_thread(runner):
         runner.pool.free(slots)
     finally:
         torch.set_num_threads(before)
+
+
+def test_thread_choice_follows_the_faster_and_keeps_checking_the_other():
+    """All threads first, one thread next, then the faster of the two; every 4th step the
+    other is timed again, so a change of load (here: all threads turn slow, then fast
+    again) moves the choice within a few steps."""
+    chooser = cpu_decode.ThreadChooser(explore=4, alpha=1.0)
+    cost = {4: 1.0, 1: 2.0}  # seconds per step, as the machine would time them
+    seen = []
+    for step in range(40):
+        if step == 12:
+            cost[4] = 3.0  # another process takes a core: the barriers stall
+        if step == 28:
+            cost[4] = 1.0  # and leaves
+        t = chooser.pick(1, 4)
+        seen.append(t)
+        chooser.record(1, t, cost[t])
+    assert seen[:2] == [4, 1]
+    assert seen[2:12].count(4) > seen[2:12].count(1)  # mostly four threads while they win
+    assert seen[13:28].count(1) > seen[13:28].count(4)  # one thread once four stall
+    assert seen[33:].count(4) > seen[33:].count(1)  # back to four once the load is gone
+    assert chooser.pick(1, 1) == 1  # one thread to give: nothing to choose
+    # sizes are timed apart: 3 rows share 4's bucket, 5 rows start afresh
+    assert chooser.bucket(3) == chooser.bucket(4) != chooser.bucket(5)
+    assert chooser.pick(5, 4) == 4

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import time
 
 import torch
 
@@ -80,6 +81,47 @@ def why_not(model) -> str | None:
     return None
 
 
+class ThreadChooser:
+    """How many threads a one-call step runs on: all of them or one, whichever has been
+    faster lately for steps of this many rows.
+
+    Why not always all: the step is one parallel region with a barrier after each
+    operation, so a thread that loses its core to another process stalls every operation
+    until it runs again. On the quiet 2-core VM two threads took a single stream's layers
+    in 3.9-4.8 ms against one thread's ~5; with a benchmark of another process beside them,
+    12.4 against 4.8. So each size keeps a moving average of both, runs the faster, and
+    every `explore`-th step times the other once, following the load as it comes and goes.
+    """
+
+    def __init__(self, explore: int = 32, alpha: float = 0.25) -> None:
+        self.explore = explore
+        self.alpha = alpha
+        self.avg: dict[tuple[int, int], float] = {}  # (size bucket, threads) -> seconds
+        self.steps: dict[int, int] = {}
+
+    @staticmethod
+    def bucket(rows: int) -> int:
+        return 1 << (rows - 1).bit_length()  # 1, 2, 4, 8, ..., 64: the power of two at or above
+
+    def pick(self, rows: int, threads: int) -> int:
+        if threads <= 1:
+            return 1
+        b = self.bucket(rows)
+        n = self.steps[b] = self.steps.get(b, 0) + 1
+        many, one = self.avg.get((b, threads)), self.avg.get((b, 1))
+        if many is None:
+            return threads
+        if one is None:
+            return 1
+        best, other = (threads, 1) if many <= one else (1, threads)
+        return other if n % self.explore == 0 else best
+
+    def record(self, rows: int, threads: int, seconds: float) -> None:
+        key = (self.bucket(rows), threads)
+        old = self.avg.get(key)
+        self.avg[key] = seconds if old is None else old + self.alpha * (seconds - old)
+
+
 class FusedDecode:
     """The pointers `decode_layers` reads, gathered once; the pool's per layer, once per
     pool."""
@@ -105,6 +147,7 @@ class FusedDecode:
             entry.ln_in = layer.input_layernorm.weight32.data_ptr()
             entry.ln_post = layer.post_attention_layernorm.weight32.data_ptr()
         self._pool_key: tuple | None = None
+        self.threads = ThreadChooser()
 
     def _bind_pool(self, pool) -> bool:
         key = (id(pool), pool.k_buffer[0].data_ptr())
@@ -141,14 +184,17 @@ class FusedDecode:
         loc = batch.out_cache_loc.to(torch.int64).contiguous()
         h, hq, hkv, d, inter = self.shape
         bf16 = int(self.dtype == torch.bfloat16)
+        threads = self.threads.pick(m, torch.get_num_threads())
+        start = time.perf_counter()
         rc = cpu_kernels.lib().decode_layers(
             self.layers, len(self.layers), x.data_ptr(), m, h, hq, hkv, d, inter, self.eps,
             self.scale, bf16, int(batch.kv_pool.dtype == torch.bfloat16), self.head_stride,
             cos.data_ptr(), sin.data_ptr(), loc.data_ptr(),
             (ctypes.c_void_p * m)(*[s.data_ptr() for s in slots]),
-            (ctypes.c_int * m)(*[s.numel() for s in slots]), torch.get_num_threads(),
+            (ctypes.c_int * m)(*[s.numel() for s in slots]), threads,
         )  # fmt: skip
         if rc != 0:
             raise MemoryError("radixserve's decode step: out of memory for its buffers")
+        self.threads.record(m, threads, time.perf_counter() - start)
         norm = self.model.norm
         return cpu_kernels.add_rms_norm(x, None, norm.weight32, norm.eps, self.dtype)
