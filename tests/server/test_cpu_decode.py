@@ -177,6 +177,35 @@ def test_only_the_int4_path_of_a_plain_llama_takes_it():
     assert "int4" in cpu_decode.why_not(exact.model)
 
 
+def test_heads_wider_than_the_hidden_size(tmp_path):
+    """A Llama whose query heads span more than its hidden size (4 x 32 against 64) and
+    whose MLP is narrower than both: every buffer of the step is sized by its widest user;
+    one stream is still the layer-by-layer step's, bit for bit."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(
+        "llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=320,
+        max_position_embeddings=256,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(tmp_path)
+    small = ModelRunner(
+        ServerArgs(
+            model_path=str(tmp_path), device="cpu", dtype="float32", quantization="int4",
+            max_total_tokens=256,
+        )
+    )  # fmt: skip
+    assert small.model.fused_decode is not None, cpu_decode.why_not(small.model)
+    slots = small.pool.alloc(20)
+    batch = decode_batch(small, [slots], seed=8)
+    batch.input_ids %= 320
+    ours, kv_ours = hidden(small, batch, fused=True)
+    ref, kv_ref = hidden(small, batch, fused=False)
+    assert torch.equal(ours, ref)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(kv_ours, kv_ref, strict=True))
+
+
 def test_a_fused_step_keeps_every_thread(runner):
     """One parallel region spans the step, so the single-stream rule (one thread for the
     layers) does not apply to it."""

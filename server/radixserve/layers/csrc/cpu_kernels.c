@@ -359,8 +359,11 @@ int decode_layers(const layer_weights *lw, int L, float *x, int M, int H, int Hq
     for (int r = 0; r < M; r++) maxn = n[r] > maxn ? n[r] : maxn;
     if (threads < 1) threads = 1;
     size_t es = act_bf16 ? 2 : 4, per_thread = ((size_t)maxn * sizeof(float) + 63) / 64 * 64;
+    /* the widest input a matmul quantizes: hidden, attention output or intermediate */
+    int K = H > Hq * D ? H : Hq * D, wide_act = I > H ? I : H;
+    K = K > I ? K : I;
     size_t sizes[5] = {(size_t)M * H * es, (size_t)M * widest * es, (size_t)M * Hq * D * es,
-                       (size_t)M * I * es, quant_bytes(M, I > H ? I : H)};
+                       (size_t)M * wide_act * es, quant_bytes(M, K)};
     size_t total = 0, at[5];
     for (int i = 0; i < 5; i++) {
         at[i] = total;
@@ -368,8 +371,9 @@ int decode_layers(const layer_weights *lw, int L, float *x, int M, int H, int Hq
     }
     char *mem = aligned_alloc(64, total + (size_t)threads * per_thread);
     if (!mem) return -1;
-    /* h: a norm's output; big: qkv, then gate_up; att: attention's output; act: silu x up,
-       then the down projection's output (added to the stream by the next norm) */
+    /* h: a norm's output; big: qkv, then gate_up; att: attention's output; act: the output
+       projection's output, silu x up, then the down projection's output (added to the
+       stream by the next norm) */
     void *h = mem + at[0], *big = mem + at[1], *att = mem + at[2], *act = mem + at[3];
     char *qbuf = mem + at[4];
     const int group = Hq / Hkv, half = D / 2, heads = Hq + Hkv;
