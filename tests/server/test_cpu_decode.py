@@ -57,6 +57,17 @@ def decode_batch(runner: ModelRunner, slots: list[torch.Tensor], seed: int) -> F
     )
 
 
+def row_alone(runner: ModelRunner, batch: ForwardBatch, i: int) -> ForwardBatch:
+    """Request i of a decode batch as a batch of its own."""
+    s = batch.req_slots[i]
+    return ForwardBatch(
+        input_ids=batch.input_ids[i : i + 1], positions=batch.positions[i : i + 1],
+        out_cache_loc=batch.out_cache_loc[i : i + 1], kv_pool=runner.pool,
+        num_prefill_reqs=0, num_prefill_tokens=0, prefix_lens=[s.numel() - 1],
+        extend_lens=[1], req_slots=[s],
+    )  # fmt: skip
+
+
 @torch.inference_mode()
 def hidden(runner: ModelRunner, batch: ForwardBatch, fused: bool) -> tuple[torch.Tensor, list]:
     """The final hidden states and every layer's new K/V, by either path."""
@@ -101,14 +112,10 @@ def test_rows_of_a_batch_are_independent_and_read_only_their_slots(runner):
     try:
         batch = decode_batch(runner, slots, seed=2)
         ours, _ = hidden(runner, batch, fused=True)
-        for i, s in enumerate(slots):
-            one = ForwardBatch(
-                input_ids=batch.input_ids[i : i + 1], positions=batch.positions[i : i + 1],
-                out_cache_loc=batch.out_cache_loc[i : i + 1], kv_pool=runner.pool,
-                num_prefill_reqs=0, num_prefill_tokens=0, prefix_lens=[s.numel() - 1],
-                extend_lens=[1], req_slots=[s],
-            )  # fmt: skip
-            assert torch.equal(hidden(runner, one, fused=True)[0][0], ours[i])
+        for i in range(len(slots)):
+            assert torch.equal(
+                hidden(runner, row_alone(runner, batch, i), fused=True)[0][0], ours[i]
+            )
         # the other path sums in another order, and random K/V histories amplify that over
         # 30 layers (rows differ by up to ~0.1 of ~36 here); one wrong slot of 17 in one
         # row moves it by ~18 (cosine 0.12)
@@ -133,14 +140,9 @@ def test_batches_above_eight_rows_are_their_rows_alone(runner):
         batch = decode_batch(runner, slots, seed=7)
         ours, _ = hidden(runner, batch, fused=True)
         for i in (0, 6, 10):
-            s = slots[i]
-            one = ForwardBatch(
-                input_ids=batch.input_ids[i : i + 1], positions=batch.positions[i : i + 1],
-                out_cache_loc=batch.out_cache_loc[i : i + 1], kv_pool=runner.pool,
-                num_prefill_reqs=0, num_prefill_tokens=0, prefix_lens=[s.numel() - 1],
-                extend_lens=[1], req_slots=[s],
-            )  # fmt: skip
-            assert torch.equal(hidden(runner, one, fused=True)[0][0], ours[i])
+            assert torch.equal(
+                hidden(runner, row_alone(runner, batch, i), fused=True)[0][0], ours[i]
+            )
     finally:
         runner.pool.free(block)
 
