@@ -11,8 +11,10 @@ the per-operation path's bit for bit (tests/server/test_cpu_kernels.py checks it
 It takes a step only where everything in it is what the loop computes: a plain Llama or
 Mistral stack (no biases, no Q/K norms, one rank), every projection in the kernel's int4
 layout, the torch backend's head-major pool in float32 or bfloat16, decode rows only (at
-most `max_rows()`), no LoRA adapter in the batch. Anything else runs the layers
-as before.
+most `max_rows()`). A step whose rows use LoRA adapters runs in the call too, each
+projection adding its rows' deltas from the adapters' slot tensors (layers/lora.py), which
+loading and unloading adapters write in place, so the pointers gathered once stay valid.
+Anything else runs the layers as before.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 
 from radixserve.layers import cpu_kernels
 from radixserve.layers.attention.base import ForwardBatch
+from radixserve.layers.lora import LoraBatch, LoraSlots
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,31 @@ class _LayerWeights(ctypes.Structure):
         (name, ctypes.c_void_p)
         for name in ("qkv", "o", "gate_up", "down", "ln_in", "ln_post", "k", "v")
     ]
+
+
+# the kernel's limits on a projection's adapter slots (LORA_MAX_* in csrc/cpu_kernels.c)
+LORA_MAX_PARTS, LORA_MAX_CHUNKS, LORA_MAX_RANK = 4, 32, 64
+_PROJS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+
+
+class _LoraShape(ctypes.Structure):
+    _fields_ = [
+        ("parts", ctypes.c_int), ("in_features", ctypes.c_int), ("out_features", ctypes.c_int),
+        ("chunk", ctypes.c_int), ("chunks", ctypes.c_int),
+        ("chunk_part", ctypes.c_int * LORA_MAX_CHUNKS),
+    ]  # fmt: skip
+
+
+class _LoraLayer(ctypes.Structure):
+    _fields_ = [("a", ctypes.c_void_p * len(_PROJS)), ("bc", ctypes.c_void_p * len(_PROJS))]
+
+
+class _LoraArgs(ctypes.Structure):
+    _fields_ = [
+        ("layers", ctypes.c_void_p), ("shape", _LoraShape * len(_PROJS)),
+        ("max_rank", ctypes.c_int),
+        ("slot", ctypes.c_void_p), ("rank", ctypes.c_void_p), ("rows", ctypes.c_int),
+    ]  # fmt: skip
 
 
 def why_not(model) -> str | None:
@@ -148,6 +176,54 @@ class FusedDecode:
             entry.ln_post = layer.post_attention_layernorm.weight32.data_ptr()
         self._pool_key: tuple | None = None
         self.threads = ThreadChooser()
+        # steps with adapters cost more at the same rows: their own choice, not mixed in
+        self.lora_threads = ThreadChooser()
+        # the adapters' slot tensors the pointers below were read from (None: not yet)
+        self._lora_bound: list[tuple[torch.nn.Module, LoraSlots, torch.Tensor, torch.Tensor]]
+        self._lora_bound = []
+        self._lora: _LoraArgs | None = None
+
+    def _bind_lora(self) -> _LoraArgs | None:
+        """The adapters' pointers, read again only if a projection's slots are not the
+        tensors they were read from (LoraSlots writes and clears in place; this guards a
+        model whose slots were made anew); None where the kernel does not take them."""
+        bound = self._lora_bound
+        if bound and all(p.lora is s and s.a is a and s.bc is bc for p, s, a, bc in bound):
+            return self._lora
+        projs = [layer.get_submodule(path) for layer in self.model.layers for path in _PROJS]
+        self._lora_bound, self._lora = [], None
+        if any(p.lora is None for p in projs):
+            return None
+        self._lora_bound = [(p, p.lora, p.lora.a, p.lora.bc) for p in projs]
+        self._lora = self._lora_args(projs)
+        return self._lora
+
+    def _lora_args(self, projs: list[torch.nn.Module]) -> _LoraArgs | None:
+        """None where some projection's slots are not in the layout the kernel reads (other
+        dtype, a higher rank or more parts or chunks than it takes): those steps keep the layers' path."""
+        args = _LoraArgs()
+        self._lora_layers = (_LoraLayer * len(self.model.layers))()
+        args.layers = ctypes.addressof(self._lora_layers)
+        args.max_rank = projs[0].lora.a.shape[1]
+        for i, proj in enumerate(projs):
+            s = proj.lora
+            slots, rank, parts, fan_in = s.a.shape
+            chunks = len(s.chunk_part)
+            if (
+                s.a.dtype != self.dtype or s.bc.dtype != self.dtype
+                or not (s.a.is_contiguous() and s.bc.is_contiguous())
+                or rank != args.max_rank or rank > LORA_MAX_RANK or parts > LORA_MAX_PARTS or chunks > LORA_MAX_CHUNKS
+                or fan_in % 8 or s.chunk % 8
+            ):  # fmt: skip
+                return None
+            layer, j = divmod(i, len(_PROJS))
+            entry = self._lora_layers[layer]
+            entry.a[j], entry.bc[j] = s.a.data_ptr(), s.bc.data_ptr()
+            shape = args.shape[j]
+            shape.parts, shape.in_features, shape.out_features = parts, fan_in, s.out_features
+            shape.chunk, shape.chunks = s.chunk, chunks
+            shape.chunk_part[:chunks] = s.chunk_part
+        return args
 
     def _bind_pool(self, pool) -> bool:
         key = (id(pool), pool.k_buffer[0].data_ptr())
@@ -170,10 +246,22 @@ class FusedDecode:
             batch.num_prefill_reqs
             or m != batch.batch_size
             or m > max_rows()
-            or batch.metadata.get("lora") is not None
             or not self._bind_pool(batch.kv_pool)
         ):
             return None
+        lora = batch.metadata.get("lora")
+        lora_args = None
+        if lora is not None:
+            if not isinstance(lora, LoraBatch) or batch.lora_slots is None:
+                return None
+            lora_args = self._bind_lora()
+            if lora_args is None:
+                return None
+            adapters = batch.lora_slots
+            row_slot = (ctypes.c_int * m)(*adapters)
+            row_rank = (ctypes.c_int * m)(*[lora.ranks[s] if s >= 0 else 0 for s in adapters])
+            lora_args.slot = ctypes.addressof(row_slot)
+            lora_args.rank = ctypes.addressof(row_rank)
         slots = [s if s.dtype == torch.int64 else s.long() for s in batch.req_slots]
         slots = [s if s.is_contiguous() else s.contiguous() for s in slots]
         rotary = self.model.rotary
@@ -184,7 +272,8 @@ class FusedDecode:
         loc = batch.out_cache_loc.to(torch.int64).contiguous()
         h, hq, hkv, d, inter = self.shape
         bf16 = int(self.dtype == torch.bfloat16)
-        threads = self.threads.pick(m, torch.get_num_threads())
+        chooser = self.threads if lora_args is None else self.lora_threads
+        threads = chooser.pick(m, torch.get_num_threads())
         start = time.perf_counter()
         rc = cpu_kernels.lib().decode_layers(
             self.layers, len(self.layers), x.data_ptr(), m, h, hq, hkv, d, inter, self.eps,
@@ -192,9 +281,10 @@ class FusedDecode:
             cos.data_ptr(), sin.data_ptr(), loc.data_ptr(),
             (ctypes.c_void_p * m)(*[s.data_ptr() for s in slots]),
             (ctypes.c_int * m)(*[s.numel() for s in slots]), threads,
+            ctypes.byref(lora_args) if lora_args is not None else None,
         )  # fmt: skip
         if rc != 0:
             raise MemoryError("radixserve's decode step: out of memory for its buffers")
-        self.threads.record(m, threads, time.perf_counter() - start)
+        chooser.record(m, threads, time.perf_counter() - start)
         norm = self.model.norm
         return cpu_kernels.add_rms_norm(x, None, norm.weight32, norm.eps, self.dtype)

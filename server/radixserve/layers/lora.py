@@ -79,6 +79,7 @@ class LoraBatch:
         while first > 0 and extend_lens[first - 1] <= SHORT_SEGMENT:
             first -= 1
         self.start = starts[first] if first < len(req_slots) else start
+        self.ranks = ranks  # slot -> rank of its adapter (the one-call decode step reads it)
         # (start, end, slot, rank) of the front's segments under an adapter, neighbours merged
         self.segments: list[tuple[int, int, int, int]] = []
         for i in range(first):

@@ -345,16 +345,181 @@ static quantized quantize_to(char *buf, const void *a, int bf16, int M, int K) {
     return q;
 }
 
+/* ---- LoRA adapters' deltas on the decode rows (multi-LoRA, Punica's BGMV on the CPU) -------
+   Each of a layer's four projections adds x A^T B^T with the row's own adapter right after
+   its int4 matmul, before anything reads the output. The adapters' weights are layers/lora.py's
+   LoraSlots, in the activations' dtype: A [slots, max_rank, parts, in] and the scaled B^T cut
+   in chunks of the output [slots, chunks, max_rank, chunk] (chunk c belongs to part
+   chunk_part[c]). At decode sizes the delta is bound by reading those weights (16 adapters of
+   rank 16 on SmolLM2's seven projections: 156 MB a step in bfloat16), so the rows are grouped
+   by adapter and each adapter's weights are read once a step, whatever its number of rows:
+   the shrink splits over (adapter, rank row), the expand over (adapter, chunk, 64 columns).
+   Rounded as the layer-by-layer path rounds: the shrink's output and the delta each to the
+   activations' dtype, then the sum. */
+
+#define LORA_PROJS 4         /* qkv, o, gate_up, down */
+#define LORA_MAX_CHUNKS 32
+#define LORA_MAX_PARTS 4
+#define LORA_COLS 64         /* output columns of one expand unit */
+#define LORA_MAX_RANK 64
+
+typedef struct {
+    int parts, in, out, chunk, chunks;
+    int chunk_part[LORA_MAX_CHUNKS];
+} lora_shape;
+
+typedef struct {
+    const void *a[LORA_PROJS], *bc[LORA_PROJS]; /* one layer's slot tensors */
+} lora_layer;
+
+typedef struct {
+    const lora_layer *layers; /* [L] */
+    lora_shape shape[LORA_PROJS];
+    int max_rank;             /* the slot tensors' rank dimension */
+    const int *slot, *rank;   /* per row: adapter slot (-1: the base model) and its rank */
+    int rows;                 /* M, set by decode_layers */
+} lora_args;
+
+/* The step's rows by adapter: group g is slot[g] of rank[g], rows order[first[g]..first[g+1]);
+   shrink_end[g]: the shrink's units (one per rank row) of groups 0..g. */
+typedef struct {
+    int groups, *order, *first, *slot, *rank, *shrink_end;
+} lora_plan;
+
+static inline __m256 round8(__m256 v, int bf16) { /* to bfloat16's precision, as f32_to_bf16 */
+    if (!bf16) return v;
+    __m256i u = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    u = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+    return _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xFFFF0000u)));
+}
+
+/* s[row, k, p] of ROWS (1 to 4) rows against one row of A, read once from memory. */
+static inline __attribute__((always_inline)) void shrink_rows(
+    const void *a, size_t arow, const float *x, int bf16, int K, const int *rows,
+    const int ROWS, float *s, size_t sp, size_t at) {
+    __m256 acc[4];
+    for (int j = 0; j < ROWS; j++) acc[j] = _mm256_setzero_ps();
+    for (int i = 0; i < K; i += 8) {
+        __m256 av = load8(a, bf16, arow + i);
+        for (int j = 0; j < ROWS; j++)
+            acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(x + (size_t)rows[j] * K + i), av, acc[j]);
+    }
+    for (int j = 0; j < ROWS; j++)
+        s[(size_t)rows[j] * sp + at] = round_to(hsum(acc[j]), bf16);
+}
+
+/* s [M, max_rank * LORA_MAX_PARTS] = x [M, in] A^T for the rows under an adapter; bfloat16
+   rows are made float32 once first, in xf [M, in] (not once per rank row). */
+static void lora_shrink(const lora_args *la, const lora_plan *pl, int proj, const void *a,
+                        const void *xin, int bf16, float *xf, float *s) {
+    const lora_shape *sh = &la->shape[proj];
+    const int parts = sh->parts, K = sh->in, R = la->max_rank;
+    const float *x = (const float *)xin;
+    if (bf16) {
+#pragma omp for schedule(static)
+        for (int r = 0; r < la->rows; r++)
+            if (la->slot[r] >= 0)
+                for (int i = 0; i < K; i += 8)
+                    _mm256_storeu_ps(xf + (size_t)r * K + i, load8(xin, 1, (size_t)r * K + i));
+        x = xf;
+    }
+    const size_t sp = (size_t)R * LORA_MAX_PARTS;
+    const int units = pl->groups ? pl->shrink_end[pl->groups - 1] : 0;
+#pragma omp for schedule(dynamic, 1)
+    for (int u = 0; u < units; u++) {
+        int g = 0;
+        while (u >= pl->shrink_end[g]) g++;
+        const int k = u - (g ? pl->shrink_end[g - 1] : 0), slot = pl->slot[g];
+        const int *rows = pl->order + pl->first[g], nr = pl->first[g + 1] - pl->first[g];
+        for (int p = 0; p < parts; p++) {
+            size_t arow = (((size_t)slot * R + k) * parts + p) * K, at = (size_t)k * parts + p;
+            for (int i = 0; i < nr; i += 4) {
+                switch (nr - i) {
+                case 1: shrink_rows(a, arow, x, bf16, K, rows + i, 1, s, sp, at); break;
+                case 2: shrink_rows(a, arow, x, bf16, K, rows + i, 2, s, sp, at); break;
+                case 3: shrink_rows(a, arow, x, bf16, K, rows + i, 3, s, sp, at); break;
+                default: shrink_rows(a, arow, x, bf16, K, rows + i, 4, s, sp, at); break;
+                }
+            }
+        }
+    }
+}
+
+/* y [M, out] += s B^T for the rows under an adapter, in place, in the activations' dtype. */
+static void lora_expand(const lora_args *la, const lora_plan *pl, int proj, const void *bc,
+                        void *y, int bf16, const float *s) {
+    const lora_shape *sh = &la->shape[proj];
+    const int parts = sh->parts, N = sh->out, chunk = sh->chunk, R = la->max_rank;
+    const size_t sp = (size_t)R * LORA_MAX_PARTS;
+    const int per_chunk = (chunk + LORA_COLS - 1) / LORA_COLS, per_group = sh->chunks * per_chunk;
+#pragma omp for schedule(dynamic, 1)
+    for (int u = 0; u < pl->groups * per_group; u++) {
+        const int g = u / per_group, c = u % per_group / per_chunk;
+        const int j0 = u % per_chunk * LORA_COLS;
+        const int w = chunk - j0 < LORA_COLS ? chunk - j0 : LORA_COLS, p = sh->chunk_part[c];
+        const int slot = pl->slot[g], rank = pl->rank[g];
+        const size_t base = ((size_t)slot * sh->chunks + c) * R * chunk + j0;
+        /* the unit's [rank, w] block of B^T in float32 once, read back from L1 by each of
+           the adapter's rows */
+        float bt[LORA_MAX_RANK * LORA_COLS];
+        for (int k = 0; k < rank; k++)
+            for (int v = 0; v < w / 8; v++)
+                _mm256_storeu_ps(bt + k * LORA_COLS + 8 * v, load8(bc, bf16, base + (size_t)k * chunk + 8 * v));
+        for (int i = pl->first[g]; i < pl->first[g + 1]; i++) {
+            const int r = pl->order[i];
+            const float *sr = s + (size_t)r * sp + p;
+            __m256 acc[LORA_COLS / 8];
+            for (int v = 0; v < w / 8; v++) acc[v] = _mm256_setzero_ps();
+            for (int k = 0; k < rank; k++) {
+                __m256 sk = _mm256_set1_ps(sr[(size_t)k * parts]);
+                for (int v = 0; v < w / 8; v++)
+                    acc[v] = _mm256_fmadd_ps(sk, _mm256_loadu_ps(bt + k * LORA_COLS + 8 * v), acc[v]);
+            }
+            const size_t out = (size_t)r * N + (size_t)c * chunk + j0;
+            for (int v = 0; v < w / 8; v++)
+                store8(y, bf16, out + 8 * v, _mm256_add_ps(load8(y, bf16, out + 8 * v), round8(acc[v], bf16)));
+        }
+    }
+}
+
+/* The rows grouped by adapter slot in order of first appearance, base rows left out, in
+   memory of lora_plan_ints(M) ints. */
+static size_t lora_plan_ints(int M) { return (size_t)6 * M + 1; }
+
+static lora_plan lora_plan_rows(const lora_args *la, int M, int *mem) {
+    lora_plan pl = {0, mem, mem + M, mem + 2 * M + 1, mem + 3 * M + 1, mem + 4 * M + 1};
+    int *placed = mem + 5 * M + 1, at = 0;
+    memset(placed, 0, sizeof(int) * (size_t)M);
+    pl.first[0] = 0;
+    for (int r = 0; r < M; r++) {
+        if (la->slot[r] < 0 || placed[r]) continue;
+        int g = pl.groups++;
+        pl.slot[g] = la->slot[r];
+        pl.rank[g] = la->rank[r];
+        for (int q = r; q < M; q++)
+            if (!placed[q] && la->slot[q] == la->slot[r]) {
+                pl.order[at++] = q;
+                placed[q] = 1;
+            }
+        pl.first[g + 1] = at;
+        pl.shrink_end[g] = (g ? pl.shrink_end[g - 1] : 0) + pl.rank[g];
+    }
+    return pl;
+}
+
 /* x [M, H]: the float32 residual stream, updated in place through all L layers (the final
    norm stays with the caller). Row r decodes one token at pool slot loc[r], attending over
    the n[r] pool slots slots[r][0..n[r]) (its own last). cos and sin [M, D]: the rotary tables at each row's position, already in the
    activations' precision (sin with rotate-half's sign folded in). Activations (act_bf16)
    and the K/V pool (kv_bf16) are float32 or bfloat16. `threads` share each matmul's blocks
-   of rows and the attention's heads. Returns 0, or -1 when memory is short. */
+   of rows and the attention's heads. `lora`, where not NULL, adds each row's adapter to the
+   four projections (the LoRA section above). Returns 0, or -1 when memory is short. */
 int decode_layers(const layer_weights *lw, int L, float *x, int M, int H, int Hq, int Hkv,
                   int D, int I, float eps, float scale, int act_bf16, int kv_bf16,
                   long head_stride, const float *cos, const float *sin, const long *loc,
-                  const long *const *slots, const int *n, int threads) {
+                  const long *const *slots, const int *n, int threads,
+                  const lora_args *lora) {
     int QKV = (Hq + 2 * Hkv) * D, maxn = 0, widest = QKV > 2 * I ? QKV : 2 * I;
     for (int r = 0; r < M; r++) maxn = n[r] > maxn ? n[r] : maxn;
     if (threads < 1) threads = 1;
@@ -362,10 +527,13 @@ int decode_layers(const layer_weights *lw, int L, float *x, int M, int H, int Hq
     /* the widest input a matmul quantizes: hidden, attention output or intermediate */
     int K = H > Hq * D ? H : Hq * D, wide_act = I > H ? I : H;
     K = K > I ? K : I;
-    size_t sizes[5] = {(size_t)M * H * es, (size_t)M * widest * es, (size_t)M * Hq * D * es,
-                       (size_t)M * wide_act * es, quant_bytes(M, K)};
-    size_t total = 0, at[5];
-    for (int i = 0; i < 5; i++) {
+    size_t lora_s = lora ? sizeof(float) * (size_t)M * lora->max_rank * LORA_MAX_PARTS : 0;
+    size_t sizes[8] = {(size_t)M * H * es, (size_t)M * widest * es, (size_t)M * Hq * D * es,
+                       (size_t)M * wide_act * es, quant_bytes(M, K), lora_s,
+                       lora ? sizeof(int) * lora_plan_ints(M) : 0,
+                       lora ? sizeof(float) * (size_t)M * K : 0};
+    size_t total = 0, at[8];
+    for (int i = 0; i < 8; i++) {
         at[i] = total;
         total += (sizes[i] + 63) / 64 * 64;
     }
@@ -380,6 +548,17 @@ int decode_layers(const layer_weights *lw, int L, float *x, int M, int H, int Hq
     /* where the value heads start inside a qkv row */
     const size_t vof = (size_t)(Hq + Hkv) * D;
     quantized xq = {0};
+    /* LoRA: the shrink's output [M, max_rank * LORA_MAX_PARTS] and the rows' groups */
+    float *ls = (float *)(mem + at[5]), *lxf = (float *)(mem + at[7]);
+    lora_plan pl = {0};
+    lora_args la_m;
+    if (lora) {
+        la_m = *lora;
+        la_m.rows = M;
+        lora = &la_m;
+        pl = lora_plan_rows(lora, M, (int *)(mem + at[6]));
+    }
+    const lora_args *la = pl.groups ? lora : NULL;
 
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
@@ -392,7 +571,10 @@ int decode_layers(const layer_weights *lw, int L, float *x, int M, int H, int Hq
                 add_rms_norm(x, l ? act : NULL, act_bf16, w->ln_in, M, H, eps, h, act_bf16);
                 xq = quantize_to(qbuf, h, act_bf16, M, H);
             }
+            const lora_layer *ll = la ? la->layers + l : NULL;
+            if (la) lora_shrink(la, &pl, 0, ll->a[0], h, act_bf16, lxf, ls);
             gemm_blocks(xq.xq, xq.xd, xq.xs, M, H, w->qkv, QKV, big, act_bf16);
+            if (la) lora_expand(la, &pl, 0, ll->bc[0], big, act_bf16, ls);
             /* rotate-half on the query and key heads (x * cos + roll(x) * sin, each product
                and the sum rounded as torch rounds them), then K and V into the pool */
 #pragma omp for schedule(static)
@@ -425,19 +607,26 @@ int decode_layers(const layer_weights *lw, int L, float *x, int M, int H, int Hq
             }
 #pragma omp single
             xq = quantize_to(qbuf, att, act_bf16, M, Hq * D);
+            if (la) lora_shrink(la, &pl, 1, ll->a[1], att, act_bf16, lxf, ls);
             gemm_blocks(xq.xq, xq.xd, xq.xs, M, Hq * D, w->o, H, act, act_bf16);
+            if (la) lora_expand(la, &pl, 1, ll->bc[1], act, act_bf16, ls);
 #pragma omp single
             {
                 add_rms_norm(x, act, act_bf16, w->ln_post, M, H, eps, h, act_bf16);
                 xq = quantize_to(qbuf, h, act_bf16, M, H);
             }
+            if (la) lora_shrink(la, &pl, 2, ll->a[2], h, act_bf16, lxf, ls);
             gemm_blocks(xq.xq, xq.xd, xq.xs, M, H, w->gate_up, 2 * I, big, act_bf16);
+            if (la) lora_expand(la, &pl, 2, ll->bc[2], big, act_bf16, ls);
 #pragma omp single
             {
                 silu_mul(big, act_bf16, M, I, act);
                 xq = quantize_to(qbuf, act, act_bf16, M, I);
             }
+            /* the shrink reads the down projection's input before its output overwrites it */
+            if (la) lora_shrink(la, &pl, 3, ll->a[3], act, act_bf16, lxf, ls);
             gemm_blocks(xq.xq, xq.xd, xq.xs, M, I, w->down, H, act, act_bf16);
+            if (la) lora_expand(la, &pl, 3, ll->bc[3], act, act_bf16, ls);
         }
     }
     /* the last layer's MLP output */
