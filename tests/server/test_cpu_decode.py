@@ -34,16 +34,22 @@ def runner(request) -> ModelRunner:
     return r
 
 
-def decode_batch(runner: ModelRunner, slots: list[torch.Tensor], seed: int) -> ForwardBatch:
+def decode_batch(
+    runner: ModelRunner,
+    slots: list[torch.Tensor],
+    seed: int,
+    kv_scale: float = 1.0,
+    adapters: list[int] | None = None,
+) -> ForwardBatch:
     """One decode token per request; each request's K/V history is filled with random
-    values (the pool is shared, so a wrong slot shows up as a wrong answer)."""
+    values times `kv_scale` (the pool is shared, so a wrong slot shows up as a wrong
+    answer); `adapters`: each request's LoRA slot (-1: the base model)."""
     g = torch.Generator().manual_seed(seed)
     pool = runner.pool
     for s in slots:
         for buf in (*pool.k_buffer, *pool.v_buffer):
-            buf[:, s[:-1]] = torch.randn(buf.shape[0], s.numel() - 1, buf.shape[2], generator=g).to(
-                buf.dtype
-            )
+            noise = torch.randn(buf.shape[0], s.numel() - 1, buf.shape[2], generator=g)
+            buf[:, s[:-1]] = (kv_scale * noise).to(buf.dtype)
     return ForwardBatch(
         input_ids=torch.randint(0, 5000, (len(slots),), generator=g),
         positions=torch.tensor([s.numel() - 1 for s in slots]),
@@ -54,6 +60,7 @@ def decode_batch(runner: ModelRunner, slots: list[torch.Tensor], seed: int) -> F
         prefix_lens=[s.numel() - 1 for s in slots],
         extend_lens=[1] * len(slots),
         req_slots=slots,
+        lora_slots=adapters,
     )
 
 

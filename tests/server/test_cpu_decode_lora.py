@@ -16,6 +16,7 @@ from radixserve.engine.model_runner import ModelRunner
 from radixserve.layers import cpu_decode, cpu_kernels
 from radixserve.layers.attention import ForwardBatch
 from safetensors.torch import save_file
+from test_cpu_decode import decode_batch as base_decode_batch
 
 pytestmark = pytest.mark.skipif(
     not cpu_kernels.available()[0],
@@ -82,26 +83,8 @@ def runner(request, tmp_path_factory) -> ModelRunner:
 
 def decode_batch(runner: ModelRunner, slots: list[torch.Tensor], adapters: list[int], seed: int):
     """One decode token per request (adapter slot per request, -1: base) over random K/V
-    histories, planned as the model runner plans a step."""
-    g = torch.Generator().manual_seed(seed)
-    pool = runner.pool
-    for s in slots:
-        for buf in (*pool.k_buffer, *pool.v_buffer):
-            buf[:, s[:-1]] = (
-                KV_SCALE * torch.randn(buf.shape[0], s.numel() - 1, buf.shape[2], generator=g)
-            ).to(buf.dtype)
-    return ForwardBatch(
-        input_ids=torch.randint(0, 5000, (len(slots),), generator=g),
-        positions=torch.tensor([s.numel() - 1 for s in slots]),
-        out_cache_loc=torch.stack([s[-1] for s in slots]),
-        kv_pool=pool,
-        num_prefill_reqs=0,
-        num_prefill_tokens=0,
-        prefix_lens=[s.numel() - 1 for s in slots],
-        extend_lens=[1] * len(slots),
-        req_slots=slots,
-        lora_slots=adapters,
-    )
+    histories at KV_SCALE."""
+    return base_decode_batch(runner, slots, seed, kv_scale=KV_SCALE, adapters=adapters)
 
 
 @torch.inference_mode()
