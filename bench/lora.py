@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
-import json
 import os
 import platform
 import subprocess
@@ -32,12 +31,12 @@ from pathlib import Path
 
 import httpx
 import torch
-from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "server"))
 
 from radixserve.bench.datasets import sample_random  # noqa: E402
+from radixserve.bench.lora_adapters import write_random_adapter  # noqa: E402
 from radixserve.bench.serving import run_benchmark  # noqa: E402
 from radixserve.models.loader import (  # noqa: E402
     default_model_path,
@@ -46,35 +45,10 @@ from radixserve.models.loader import (  # noqa: E402
     resolve_model,
 )
 
-MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 def write_adapter(folder: Path, config, rank: int, seed: int) -> None:
     """A PEFT LoRA adapter of `rank` on every projection of every layer, random weights."""
-    h, inter = config.hidden_size, config.intermediate_size
-    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
-    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-    shapes = {
-        "q_proj": (h, q),
-        "k_proj": (h, kv),
-        "v_proj": (h, kv),
-        "o_proj": (q, h),
-        "gate_proj": (h, inter),
-        "up_proj": (h, inter),
-        "down_proj": (inter, h),
-    }
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(config.num_hidden_layers):
-        for module, (fan_in, fan_out) in shapes.items():
-            part = "self_attn" if module in MODULES[:4] else "mlp"
-            key = f"base_model.model.model.layers.{layer}.{part}.{module}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) * 0.01
-            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=g) * 0.01
-    folder.mkdir(parents=True)
-    save_file(tensors, folder / "adapter_model.safetensors")
-    cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": list(MODULES)}
-    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    write_random_adapter(folder, config, rank, seed)
 
 
 def write_merged(folder: Path, adapter: Path, source) -> None:

@@ -6,16 +6,15 @@ step reads."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
+from radixserve.bench.lora_adapters import write_random_adapter
 from radixserve.config import ServerArgs
 from radixserve.engine.model_runner import ModelRunner
 from radixserve.layers import cpu_decode, cpu_kernels
 from radixserve.layers.attention import ForwardBatch
-from safetensors.torch import save_file
 from test_cpu_decode import decode_batch as base_decode_batch
 
 pytestmark = pytest.mark.skipif(
@@ -40,28 +39,9 @@ KV_SCALE = 0.1
 
 
 def write_adapter(folder: Path, config, rank: int, alpha: int, modules, seed: int) -> None:
-    """A PEFT-format adapter with random A and B (as bench/lora.py writes them), large
-    enough that it moves the hidden states far more than the two paths' rounding does."""
-    h, inter = config.hidden_size, config.intermediate_size
-    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
-    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-    shapes = {
-        "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-        "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h),
-    }  # fmt: skip
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(config.num_hidden_layers):
-        for module in modules:
-            fan_in, fan_out = shapes[module]
-            part = "self_attn" if module in ALL[:4] else "mlp"
-            key = f"base_model.model.model.layers.{layer}.{part}.{module}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) * 0.04
-            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=g) * 0.04
-    folder.mkdir(parents=True)
-    save_file(tensors, folder / "adapter_model.safetensors")
-    cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": list(modules)}
-    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    """Random A and B (as bench/lora.py writes them) large enough that the adapter moves
+    the hidden states far more than the two paths' rounding does."""
+    write_random_adapter(folder, config, rank, seed, alpha=alpha, modules=modules, scale=0.04)
 
 
 @pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["f32", "bf16"])
