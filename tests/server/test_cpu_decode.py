@@ -186,6 +186,18 @@ def test_only_the_int4_path_of_a_plain_llama_takes_it():
     assert "int4" in cpu_decode.why_not(exact.model)
 
 
+def test_every_layers_projections_are_checked(runner):
+    """One projection without the int4 copy in the last layer is enough to refuse."""
+    proj = runner.model.layers[-1].mlp.gate_up_proj
+    keep = proj.int4_kernel
+    assert cpu_decode.why_not(runner.model) is None
+    proj.int4_kernel = None
+    try:
+        assert "int4 copy" in cpu_decode.why_not(runner.model)
+    finally:
+        proj.int4_kernel = keep
+
+
 def test_heads_wider_than_the_hidden_size(tmp_path):
     """A Llama whose query heads span more than its hidden size (4 x 32 against 64) and
     whose MLP is narrower than both: every buffer of the step is sized by its widest user;

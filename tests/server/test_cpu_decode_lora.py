@@ -216,20 +216,18 @@ def test_an_adapter_swapped_at_run_time_is_seen_by_the_next_step(runner):
 
 
 def test_adapter_slots_the_kernel_does_not_take_are_left_to_the_layers(runner, monkeypatch):
-    fused = runner.model.fused_decode
     slot = runner.lora.acquire("all16")
     slots = [runner.pool.alloc(4) for _ in range(3)]
     try:
         batch = decode_batch(runner, slots, [slot, -1, slot], seed=4)
         batch.metadata["lora"] = runner.lora.batch_plan(batch.lora_slots, [1] * 3, "cpu")
         monkeypatch.setattr(cpu_decode, "LORA_MAX_PARTS", 2)  # qkv_proj has three
-        fused._lora_bound = []  # read the slots again under the lower limit
+        fused = cpu_decode.FusedDecode(runner.model)  # reads the slots under the lower limit
         x = torch.randn(3, runner.config.hidden_size)
         before = x.clone()
         assert fused.run(x, batch) is None
         assert torch.equal(x, before)
     finally:
-        fused._lora_bound = []
         for s in slots:
             runner.pool.free(s)
         runner.lora.release("all16")

@@ -6,7 +6,7 @@ Why: at one to eight rows each of those operations computes for a few microsecon
 costs as much again in dispatch; on the default model that overhead was about 40% of the
 single-stream step (cProfile of `bench/decode_step.py`, docs/engine.md). The C loop runs
 the same kernels in the same order and rounds where torch's path rounds, so its result is
-the per-operation path's bit for bit (tests/server/test_cpu_kernels.py checks it).
+the per-operation path's bit for bit (tests/server/test_cpu_decode.py checks it).
 
 It takes a step only where everything in it is what the loop computes: a plain Llama or
 Mistral stack (no biases, no Q/K norms, one rank), every projection in the kernel's int4
@@ -20,23 +20,21 @@ Anything else runs the layers as before.
 from __future__ import annotations
 
 import ctypes
-import logging
 import time
 
 import torch
 
 from radixserve.layers import cpu_kernels
 from radixserve.layers.attention.base import ForwardBatch
-from radixserve.layers.lora import LoraBatch, LoraSlots
-
-logger = logging.getLogger(__name__)
+from radixserve.layers.lora import LoraBatch
 
 _DTYPES = (torch.float32, torch.bfloat16)
 
 # Decode rows up to which the one-call step beats the layer-by-layer one, whose batches
 # above 8 rows run the dense weights (bfloat16 or float32 matmuls). In process, 256 tokens
-# of context, 2 threads (docs/engine.md): bf16 class 66 against 93 ms at 32 rows, 131
-# against 150 at 64; avx2 class (restricted) 94 against 168 at 32. The int4 weights are the
+# of context, 2 threads (bench/decode_step.py, docs/engine.md): bf16 class 65.7 against
+# 89.6 ms at 32 rows, 123.3 against 143.0 at 64; avx2 class (restricted) 96.8 against 163.7
+# at 32, 183.0 against 263.3 at 64. The int4 weights are the
 # GGUF's own 4-bit values, the ones the dense copy holds, so only the activations' int16
 # rounding differs.
 MAX_ROWS = 64
@@ -80,6 +78,11 @@ class _LoraArgs(ctypes.Structure):
     ]  # fmt: skip
 
 
+def _projections(model) -> list[torch.nn.Module]:
+    """Every layer's four projections, in decode_layers' order (layer-major)."""
+    return [layer.get_submodule(path) for layer in model.layers for path in _PROJS]
+
+
 def why_not(model) -> str | None:
     """Why this model's decode steps cannot run as one call (None: they can)."""
     from radixserve.layers.parallel import tp_size
@@ -93,17 +96,14 @@ def why_not(model) -> str | None:
         return "tensor parallelism"
     if cpu_kernels.max_rows() == 0:
         return "radixserve's kernels are not available"
-    layer = model.layers[0]
-    attn, mlp = layer.self_attn, layer.mlp
+    attn = model.layers[0].self_attn
     if attn.head_dim % 8 or attn.head_dim > 256 or attn.num_heads % attn.num_kv_heads:
         return f"head size {attn.head_dim}"
     if model.embed_tokens.weight.dtype not in _DTYPES:
         return f"activations in {model.embed_tokens.weight.dtype}"
-    for layer in model.layers:
-        projs = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, mlp.gate_up_proj)
-        for proj in (*projs, layer.mlp.down_proj):
-            if proj.int4_kernel is None or proj.bias is not None:
-                return "a projection without the kernel's int4 copy, or with a bias"
+    for proj in _projections(model):
+        if proj.int4_kernel is None or proj.bias is not None:
+            return "a projection without the kernel's int4 copy, or with a bias"
     if not attn.backend.cpu_kernel:
         return "the attention backend is not radixserve's CPU one"
     return None
@@ -165,38 +165,23 @@ class FusedDecode:
         self.eps = float(layer.input_layernorm.eps)
         self.scale = float(attn.scale)
         self.dtype = model.embed_tokens.weight.dtype
+        projs = _projections(model)
         self.layers = (_LayerWeights * len(model.layers))()
-        for entry, layer in zip(self.layers, model.layers, strict=True):
-            a, m = layer.self_attn, layer.mlp
-            entry.qkv = a.qkv_proj.int4_kernel.records.data_ptr()
-            entry.o = a.o_proj.int4_kernel.records.data_ptr()
-            entry.gate_up = m.gate_up_proj.int4_kernel.records.data_ptr()
-            entry.down = m.down_proj.int4_kernel.records.data_ptr()
+        for i, (entry, layer) in enumerate(zip(self.layers, model.layers, strict=True)):
+            four = projs[i * len(_PROJS) : (i + 1) * len(_PROJS)]
+            entry.qkv, entry.o, entry.gate_up, entry.down = (
+                p.int4_kernel.records.data_ptr() for p in four
+            )
             entry.ln_in = layer.input_layernorm.weight32.data_ptr()
             entry.ln_post = layer.post_attention_layernorm.weight32.data_ptr()
         self._pool_key: tuple | None = None
         self.threads = ThreadChooser()
         # steps with adapters cost more at the same rows: their own choice, not mixed in
         self.lora_threads = ThreadChooser()
-        # the adapters' slot tensors the pointers below were read from (None: not yet)
-        self._lora_bound: list[tuple[torch.nn.Module, LoraSlots, torch.Tensor, torch.Tensor]]
-        self._lora_bound = []
-        self._lora: _LoraArgs | None = None
-
-    def _bind_lora(self) -> _LoraArgs | None:
-        """The adapters' pointers, read again only if a projection's slots are not the
-        tensors they were read from (LoraSlots writes and clears in place; this guards a
-        model whose slots were made anew); None where the kernel does not take them."""
-        bound = self._lora_bound
-        if bound and all(p.lora is s and s.a is a and s.bc is bc for p, s, a, bc in bound):
-            return self._lora
-        projs = [layer.get_submodule(path) for layer in self.model.layers for path in _PROJS]
-        self._lora_bound, self._lora = [], None
-        if any(p.lora is None for p in projs):
-            return None
-        self._lora_bound = [(p, p.lora, p.lora.a, p.lora.bc) for p in projs]
-        self._lora = self._lora_args(projs)
-        return self._lora
+        # the adapters' slot tensors exist before the int4 path is set up (ModelRunner makes
+        # its LoraManager first) and loads and unloads write them in place: read once
+        with_slots = all(p.lora is not None for p in projs)
+        self._lora = self._lora_args(projs) if with_slots else None
 
     def _lora_args(self, projs: list[torch.nn.Module]) -> _LoraArgs | None:
         """None where some projection's slots are not in the layout the kernel reads (other
@@ -254,7 +239,7 @@ class FusedDecode:
         if lora is not None:
             if not isinstance(lora, LoraBatch) or batch.lora_slots is None:
                 return None
-            lora_args = self._bind_lora()
+            lora_args = self._lora
             if lora_args is None:
                 return None
             adapters = batch.lora_slots
