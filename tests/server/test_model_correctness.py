@@ -8,6 +8,7 @@ GGUF that transformers also reads. Float32 everywhere, so differences are roundi
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -180,6 +181,20 @@ def test_gguf_header_is_parsed_once_while_loading():
         assert gguf_linear_type(src) == "Q4_1"
     assert gguf.GGUFReader is real
     assert gguf.GGUFReader(path) is not first
+
+
+def test_safetensors_model_loads_without_the_gguf_package(tmp_path_factory, monkeypatch):
+    """The GPU image has no `gguf`: a safetensors model must load there (its first GPU run
+    failed at start-up on the header-sharing block's import)."""
+    from radixserve.models.loader import gguf_parsed_once
+
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` now raises ImportError
+    path = tiny_model_dir(tmp_path_factory, "llama")
+    with gguf_parsed_once():  # as the engine process and the TP workers load
+        runner = ModelRunner(
+            ServerArgs(model_path=path, dtype="float32", device="cpu", max_total_tokens=64)
+        )
+    assert runner.config.num_hidden_layers > 0
 
 
 @pytest.mark.parametrize("single_tokens", [1, 0])

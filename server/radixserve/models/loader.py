@@ -84,8 +84,14 @@ def gguf_parsed_once() -> Iterator[None]:
     (transformers' readers and ours), and every `gguf.GGUFReader` parses all metadata
     fields; Gemma 3's 262k-token vocabulary and merges cost about 10 s of CPU per open on
     a 2-core VM, five opens at start-up. Readers only read, so sharing one per file changes
-    nothing they return; the shared ones are dropped (their memory maps closed) on exit."""
-    import gguf
+    nothing they return; the shared ones are dropped (their memory maps closed) on exit.
+    Without the gguf package (an image that serves safetensors only) there is nothing to
+    share."""
+    try:
+        import gguf
+    except ImportError:
+        yield
+        return
 
     real = gguf.GGUFReader
     if getattr(real, "parsed_once", False):  # nested: the outer block already shares
