@@ -2,12 +2,13 @@
 docs/engine.md and bench/results/README.md ("Where a decode step goes").
 
     .venv/bin/python bench/decode_step.py [--paths float32:none float32:int4 ...]
-        [--batches 1 8 32] [--context 256] [--profile] [--layer-by-layer]
+        [--batches 1 8 32] [--context 256] [--profile] [--layer-by-layer] [--split]
 
 Each path is `dtype:quantization`; every batch runs `--context` tokens of KV per request
 and prints the best of 3 timed runs of 8 steps. `--profile` prints torch's operator table
 for batch 1 of each path. `--layer-by-layer` turns off the int4 path's one-call decode
-step (layers/cpu_decode.py), to compare the two. Run it under ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+step (layers/cpu_decode.py), to compare the two; `--split` also prints, per batch, the
+best layers-only and LM-head-only times of the same step. Run it under ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 MKL_ENABLE_INSTRUCTIONS=AVX2 for the AVX2 class.
 """
 
@@ -57,6 +58,20 @@ def step_ms(runner: ModelRunner, batch: ForwardBatch, steps: int = 8, repeats: i
     return best
 
 
+@torch.inference_mode()
+def split_ms(runner: ModelRunner, batch: ForwardBatch, steps: int = 24) -> tuple[float, float]:
+    """Best layers (embedding to final norm) and best LM head time of one step, apart."""
+    layers = head = float("inf")
+    for _ in range(steps):
+        start = time.perf_counter()
+        runner.backend.init_forward(batch)
+        hidden = runner.model(batch)
+        mid = time.perf_counter()
+        runner.model.compute_logits(hidden)
+        layers, head = min(layers, mid - start), min(head, time.perf_counter() - mid)
+    return layers * 1e3, head * 1e3
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--paths", nargs="+", default=["float32:none", "float32:int4"])
@@ -64,6 +79,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--layer-by-layer", action="store_true")
+    ap.add_argument("--split", action="store_true")
     a = ap.parse_args()
     klass, capability = cpu_path.cpu_class()
     print(f"class {klass} (torch {capability}), {torch.get_num_threads()} threads")
@@ -77,6 +93,8 @@ def main() -> None:
         for b in a.batches:
             batch = decode_batch(runner, b, a.context)
             times.append(f"batch {b}: {step_ms(runner, batch):.1f} ms")
+            if a.split:
+                times[-1] += " (layers {:.1f}, head {:.1f})".format(*split_ms(runner, batch))
             for slots in batch.req_slots:
                 runner.pool.free(slots)
         print(f"{dtype} + {quant}: " + ", ".join(times), flush=True)

@@ -4,7 +4,7 @@ operations per layer.
 
 Why: at one to eight rows each of those operations computes for a few microseconds and
 costs as much again in dispatch; on the default model that overhead was about 40% of the
-single-stream step (cProfile of `bench/decode_step.py`, docs/engine.md). The C loop runs
+single-stream step (a one-off cProfile of `bench/decode_step.py`'s step, docs/engine.md). The C loop runs
 the same kernels in the same order and rounds where torch's path rounds, so its result is
 the per-operation path's bit for bit (tests/server/test_cpu_decode.py checks it).
 
@@ -117,7 +117,7 @@ class ThreadChooser:
     operation, so a thread that loses its core to another process stalls every operation
     until it runs again. On the quiet 2-core VM two threads took a single stream's layers
     in 3.9-4.8 ms against one thread's ~5; with a benchmark of another process beside them,
-    12.4 against 4.8. So each size keeps a moving average of both, runs the faster, and
+    12.4 against 4.8 (one-off timings, docs/engine.md). So each size keeps a moving average of both, runs the faster, and
     every `explore`-th step times the other once, following the load as it comes and goes.
     """
 
