@@ -23,6 +23,7 @@ import pytest
 import torch
 from api_harness import DEFAULT_FLAGS, error_of, start_server
 from radixserve.config import ServerArgs
+from radixserve.layers import cpu_kernels
 from radixserve.layers.lora import LoraBatch, LoraSlots
 
 KEY = "lora-test-key"
@@ -472,3 +473,50 @@ def test_plan_picks_the_cheap_form():
     lb = LoraBatch.build([1, 1, 2, -1, 2, 2], [50, 30, 20, 9, 1, 1], ranks, "cpu")
     assert lb.segments == [(0, 80, 1, 16), (80, 100, 2, 16)]
     assert lb.start == 109 and lb.mode == "single"
+
+
+@pytest.mark.skipif(
+    not cpu_kernels.lora_delta_available(), reason="needs AVX512_BF16 (the C delta's build)"
+)
+@pytest.mark.parametrize("parts", [(48, 32), (24, 16)], ids=["pairs", "float32-expand"])
+@pytest.mark.parametrize("case", CASES)
+def test_bfloat16_c_delta_gives_each_row_its_own_adapter(case, parts, monkeypatch):
+    """The C delta (one call per projection for any step) against float32 arithmetic on the
+    same bfloat16 weights: each LoRA row gets its own adapter's delta to bfloat16's
+    precision and the base rows are untouched, for ranks 8, 16 and 5; outputs of 16
+    columns a unit take the dot product expand, of 8 the float32 one."""
+    calls = []
+    real = cpu_kernels.lora_delta
+    monkeypatch.setattr(cpu_kernels, "lora_delta", lambda *a: calls.append(1) or real(*a))
+    req_slots, lens = CASES[case]
+    ranks = {s: (8, 16, 5)[s % 3] for s in range(16)}  # an odd rank: a half pair
+    g = torch.Generator().manual_seed(1)
+    slots = LoraSlots(16, 16, 64, list(parts), torch.bfloat16, "cpu")
+    assert slots.kernel_shape is not None
+    weights = {}
+    for s, r in ranks.items():
+        for part, out in enumerate(parts):
+            a = torch.randn(r, 64, generator=g).bfloat16()
+            b = (torch.randn(out, r, generator=g) * (0.5 + s / 8)).bfloat16()
+            weights[s, part] = (a.float(), b.float())
+            slots.write(s, part, a, b)
+    lb = LoraBatch.build(req_slots, lens, ranks, "cpu")
+    x = torch.randn(sum(lens), 64, generator=g).bfloat16()
+    base = torch.randn(x.shape[0], sum(parts), generator=g).bfloat16()
+    got = slots.add_delta(base.clone(), x, lb)
+    assert calls, "the C delta did not run"
+    per_row = torch.repeat_interleave(torch.tensor(req_slots), torch.tensor(lens)).tolist()
+    want = base.float()
+    bounds = [0, parts[0], sum(parts)]
+    for row, s in enumerate(per_row):
+        if s >= 0:
+            for part in range(2):
+                a, b = weights[s, part]
+                want[row, bounds[part] : bounds[part + 1]] += x[row].float() @ a.t() @ b.t()
+    lora = torch.tensor(per_row) >= 0
+    assert torch.equal(got[~lora], base[~lora])
+    delta, want_delta = (got.float() - base.float())[lora], (want - base.float())[lora]
+    assert torch.nn.functional.cosine_similarity(delta, want_delta).min() > 0.999
+    # to bfloat16's precision of the delta and of the sum (three roundings of ~0.4% each)
+    err = (got.float() - want)[lora].abs().amax(-1)
+    assert (err <= 0.02 * want[lora].abs().amax(-1) + 0.02 * want_delta.abs().amax(-1)).all()

@@ -26,6 +26,7 @@ import torch
 
 from radixserve.layers import cpu_kernels
 from radixserve.layers.attention.base import ForwardBatch
+from radixserve.layers.cpu_kernels import LORA_MAX_CHUNKS, LORA_MAX_PARTS, LORA_MAX_RANK
 from radixserve.layers.lora import LoraBatch
 
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -53,17 +54,7 @@ class _LayerWeights(ctypes.Structure):
     ]
 
 
-# the kernel's limits on a projection's adapter slots (LORA_MAX_* in csrc/cpu_kernels.c)
-LORA_MAX_PARTS, LORA_MAX_CHUNKS, LORA_MAX_RANK = 4, 32, 64
 _PROJS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
-
-
-class _LoraShape(ctypes.Structure):
-    _fields_ = [
-        ("parts", ctypes.c_int), ("in_features", ctypes.c_int), ("out_features", ctypes.c_int),
-        ("chunk", ctypes.c_int), ("chunks", ctypes.c_int),
-        ("chunk_part", ctypes.c_int * LORA_MAX_CHUNKS),
-    ]  # fmt: skip
 
 
 class _LoraLayer(ctypes.Structure):
@@ -72,7 +63,7 @@ class _LoraLayer(ctypes.Structure):
 
 class _LoraArgs(ctypes.Structure):
     _fields_ = [
-        ("layers", ctypes.c_void_p), ("shape", _LoraShape * len(_PROJS)),
+        ("layers", ctypes.c_void_p), ("shape", cpu_kernels.LoraShape * len(_PROJS)),
         ("max_rank", ctypes.c_int),
         ("slot", ctypes.c_void_p), ("rank", ctypes.c_void_p), ("rows", ctypes.c_int),
     ]  # fmt: skip

@@ -38,6 +38,8 @@ SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 # where torch dispatches AVX-512 and the CPU has VNNI: one instruction per multiply-add-add
 VNNI_FLAGS = ["-mavx512f", "-mavx512vl", "-mavx512vnni"]
+# and where it also has AVX512_BF16: the LoRA delta's bfloat16 dot products
+BF16_FLAGS = ["-mavx512bw", "-mavx512bf16"]
 
 
 def _flags() -> list[str]:
@@ -45,6 +47,8 @@ def _flags() -> list[str]:
     ATEN_CPU_CAPABILITY=avx2 measures the AVX2 class's kernel) and the CPU has VNNI."""
     capability = torch.backends.cpu.get_cpu_capability()
     if capability.startswith("AVX512") and torch.cpu._is_vnni_supported():
+        if torch.cpu._is_avx512_bf16_supported():
+            return FLAGS + VNNI_FLAGS + BF16_FLAGS
         return FLAGS + VNNI_FLAGS
     return FLAGS
 
@@ -131,6 +135,11 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
     ]  # fmt: skip
     lib.decode_layers.restype = ctypes.c_int
+    lib.lora_delta.argtypes = [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+    ]  # fmt: skip
+    lib.lora_delta.restype = ctypes.c_int
     return lib, "ok"
 
 
@@ -227,6 +236,44 @@ def mm(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
     if rc != 0:
         raise MemoryError("radixserve's int4 kernel: out of scratch memory")
     return out
+
+
+# the kernel's limits on a projection's adapter slots (LORA_MAX_* in csrc/cpu_kernels.c)
+LORA_MAX_PARTS, LORA_MAX_CHUNKS, LORA_MAX_RANK = 4, 32, 64
+
+
+class LoraShape(ctypes.Structure):
+    """One projection's adapter-slot layout, as the C side's lora_shape reads it."""
+
+    _fields_ = [
+        ("parts", ctypes.c_int), ("in_features", ctypes.c_int), ("out_features", ctypes.c_int),
+        ("chunk", ctypes.c_int), ("chunks", ctypes.c_int),
+        ("chunk_part", ctypes.c_int * LORA_MAX_CHUNKS),
+    ]  # fmt: skip
+
+
+@functools.cache
+def lora_delta_available() -> bool:
+    """Whether this build adds LoRA deltas in bfloat16 dot products (CPUs with AVX512_BF16
+    where torch runs AVX-512); elsewhere torch's matmuls do it."""
+    return available()[0] and "-mavx512bf16" in _flags()
+
+
+def lora_delta(
+    out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bc: torch.Tensor, shape: LoraShape,
+    slots: ctypes.Array, ranks: ctypes.Array,
+) -> bool:  # fmt: skip
+    """out [M, N] += x [M, K] A^T B^T per row with the row's adapter slot (`slots`, -1 for
+    none; `ranks` its rank), in place, bfloat16 throughout (see csrc's lora_delta). False,
+    touching nothing, where the kernel does not take this call."""
+    rc = lib().lora_delta(
+        x.data_ptr(), out.data_ptr(), x.shape[0], a.data_ptr(), bc.data_ptr(),
+        ctypes.byref(shape), a.shape[1], ctypes.addressof(slots), ctypes.addressof(ranks),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if rc < 0:
+        raise MemoryError("radixserve's LoRA delta: out of memory")
+    return rc == 0
 
 
 def lib() -> ctypes.CDLL:

@@ -49,11 +49,19 @@ static inline __m256 load8(const void *x, int x_bf16, size_t at) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
+static inline __m256 round8(__m256 v, int bf16) { /* to bfloat16's precision, as f32_to_bf16 */
+    if (!bf16) return v;
+    __m256i u = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    u = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+    return _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xFFFF0000u)));
+}
+
 static inline void store8(void *out, int bf16, size_t at, __m256 y) {
-    if (bf16) {
-        float tmp[8];
-        _mm256_storeu_ps(tmp, y);
-        for (int j = 0; j < 8; j++) ((uint16_t *)out)[at + j] = f32_to_bf16(tmp[j]);
+    if (bf16) { /* rounded as f32_to_bf16, the upper halves packed (they fit: no saturation) */
+        __m256i u = _mm256_srli_epi32(_mm256_castps_si256(round8(y, 1)), 16);
+        __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+        _mm_storeu_si128((__m128i *)((uint16_t *)out + at), h);
     } else {
         _mm256_storeu_ps((float *)out + at, y);
     }
@@ -362,6 +370,7 @@ static quantized quantize_to(char *buf, const void *a, int bf16, int M, int K) {
 #define LORA_MAX_PARTS 4
 #define LORA_COLS 64         /* output columns of one expand unit */
 #define LORA_MAX_RANK 64
+#define SHRINK_ROWS 16       /* rows of one group in one unit of the bfloat16 shrink */
 
 typedef struct {
     int parts, in, out, chunk, chunks;
@@ -381,18 +390,12 @@ typedef struct {
 } lora_args;
 
 /* The step's rows by adapter: group g is slot[g] of rank[g], rows order[first[g]..first[g+1]);
-   shrink_end[g]: the shrink's units (one per rank row) of groups 0..g. */
+   shrink_end[g]: the shrink's units (one per rank row) of groups 0..g; block_end[g]: the
+   bfloat16 shrink's units (one per SHRINK_ROWS of the group's rows) of groups 0..g. `wide`:
+   some group has more rows than that (a prefill chunk), so units differ in size. */
 typedef struct {
-    int groups, *order, *first, *slot, *rank, *shrink_end;
+    int groups, *order, *first, *slot, *rank, *shrink_end, *block_end, wide;
 } lora_plan;
-
-static inline __m256 round8(__m256 v, int bf16) { /* to bfloat16's precision, as f32_to_bf16 */
-    if (!bf16) return v;
-    __m256i u = _mm256_castps_si256(v);
-    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    u = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
-    return _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xFFFF0000u)));
-}
 
 /* s[row, k, p] of ROWS (1 to 4) rows against one row of A, read once from memory. */
 static inline __attribute__((always_inline)) void shrink_rows(
@@ -409,6 +412,134 @@ static inline __attribute__((always_inline)) void shrink_rows(
         s[(size_t)rows[j] * sp + at] = round_to(hsum(acc[j]), bf16);
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+/* The bfloat16 build (CPUs with AVX512_BF16, where torch runs AVX-512): the delta's products
+   in `vdpbf16ps`, 32 bfloat16 pairs per instruction summed into float32, instead of
+   widening every weight to float32 first. Exact products, float32 sums in another order
+   than the AVX2 path's; the same roundings to bfloat16 after the shrink and the delta. */
+#define LORA_BF16_DOT 1
+
+static inline __m512 round16(__m512 v) { /* round8's rounding, 16 lanes */
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u)));
+}
+
+/* s for ROWS (1 to 4) rows against AR (1 or 4) consecutive rows of A (rank row, part
+   pairs), a tile of products in registers: each K-step loads ROWS + AR vectors for ROWS x AR
+   dot products. */
+static inline __attribute__((always_inline)) void shrink_tile_dot(
+    const uint16_t *a, const int AR, const void *x, int K, const int *rows, const int ROWS,
+    uint16_t *s16, size_t sp16, int at, int parts, int R2) {
+    __m512 acc[4][4];
+    for (int j = 0; j < ROWS; j++)
+        for (int q = 0; q < AR; q++) acc[j][q] = _mm512_setzero_ps();
+    for (int i = 0; i < K; i += 32) {
+        __m512bh av[4];
+        for (int q = 0; q < AR; q++) av[q] = (__m512bh)_mm512_loadu_si512(a + (size_t)q * K + i);
+        for (int j = 0; j < ROWS; j++) {
+            const uint16_t *xr = (const uint16_t *)x + (size_t)rows[j] * K + i;
+            __m512bh xv = (__m512bh)_mm512_loadu_si512(xr);
+            for (int q = 0; q < AR; q++) acc[j][q] = _mm512_dpbf16_ps(acc[j][q], xv, av[q]);
+        }
+    }
+    for (int q = 0; q < AR; q++) {
+        const int k = (at + q) / parts, p = (at + q) % parts;
+        for (int j = 0; j < ROWS; j++)
+            s16[(size_t)rows[j] * sp16 + (size_t)p * R2 + k] = f32_to_bf16(_mm512_reduce_add_ps(acc[j][q]));
+    }
+}
+
+#define SHRINK_TILE(AR, ROWS) \
+    shrink_tile_dot(ag + (size_t)q * K, AR, xin, K, rows + j, ROWS, s16, sp16, q, parts, R2)
+
+/* One unit of the bfloat16 shrink: up to SHRINK_ROWS rows of one group against all of the
+   group's rank x parts rows of A (read once per unit from L2, the rows' x from L1). Its
+   outputs go out as bfloat16 in the layout the expand's dot products read: per row and
+   part, the rank's values in order, so ranks k and k + 1 are one 32-bit pair (R2: the
+   slots' rank rounded up to even; an odd rank's last pair gets a zero partner). */
+static void shrink_block_dot(const uint16_t *ag, int nA, const void *xin, int K,
+                             const int *rows, int nr, uint16_t *s16, size_t sp16, int parts,
+                             int R2) {
+    for (int j = 0; j < nr; j += 4) {
+        const int left = nr - j;
+        int q = 0;
+        for (; q + 4 <= nA; q += 4) {
+            switch (left) {
+            case 1: SHRINK_TILE(4, 1); break;
+            case 2: SHRINK_TILE(4, 2); break;
+            case 3: SHRINK_TILE(4, 3); break;
+            default: SHRINK_TILE(4, 4); break;
+            }
+        }
+        for (; q < nA; q++) {
+            switch (left) {
+            case 1: SHRINK_TILE(1, 1); break;
+            case 2: SHRINK_TILE(1, 2); break;
+            case 3: SHRINK_TILE(1, 3); break;
+            default: SHRINK_TILE(1, 4); break;
+            }
+        }
+    }
+}
+
+/* Rank rows k and k + 1 of 16 columns of B^T as 16 bfloat16 pairs (each 32-bit lane one
+   column's two weights), the layout vdpbf16ps multiplies against a pair of s. */
+static inline __m512i bt_pairs(const uint16_t *b0, const uint16_t *b1) {
+    const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                         24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
+                                         1, 16, 0);
+    __m256i lo = _mm256_loadu_si256((const __m256i *)b0);
+    __m256i hi = b1 ? _mm256_loadu_si256((const __m256i *)b1) : _mm256_setzero_si256();
+    return _mm512_permutexvar_epi16(idx, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+}
+
+/* y += s B^T for ROWS (1 or 2) bfloat16 rows, V vectors of 16 output columns, B^T's block
+   as pairs (each pair vector read once for both rows); s as the shrink's pairs. */
+static inline __attribute__((always_inline)) void expand_rows_dot(
+    const uint32_t *const *pairs, int rank, const __m512i *bt, const int V, uint16_t *const *y,
+    const int ROWS) {
+    __m512 acc[2][LORA_COLS / 16];
+    for (int j = 0; j < ROWS; j++)
+        for (int v = 0; v < V; v++) acc[j][v] = _mm512_setzero_ps();
+    for (int kp = 0; kp < (rank + 1) / 2; kp++) {
+        __m512bh sv[2];
+        for (int j = 0; j < ROWS; j++) sv[j] = (__m512bh)_mm512_set1_epi32((int)pairs[j][kp]);
+        for (int v = 0; v < V; v++) {
+            __m512bh b = (__m512bh)bt[kp * (LORA_COLS / 16) + v];
+            for (int j = 0; j < ROWS; j++) acc[j][v] = _mm512_dpbf16_ps(acc[j][v], sv[j], b);
+        }
+    }
+    for (int j = 0; j < ROWS; j++)
+        for (int v = 0; v < V; v++) {
+            __m256i yh = _mm256_loadu_si256((const __m256i *)(y[j] + 16 * v));
+            __m512 yv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(yh), 16));
+            __m512 sum = round16(_mm512_add_ps(yv, round16(acc[j][v])));
+            __m256i out = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(sum), 16));
+            _mm256_storeu_si256((__m256i *)(y[j] + 16 * v), out);
+        }
+}
+#endif
+
+#ifdef LORA_BF16_DOT
+static void shrink_unit_dot(const lora_plan *pl, int u, const void *a, const void *xin, int K,
+                            int R, int parts, void *s, size_t sp) {
+    int g = 0;
+    while (u >= pl->block_end[g]) g++;
+    const int b = u - (g ? pl->block_end[g - 1] : 0), n = pl->first[g + 1] - pl->first[g];
+    const int *rows = pl->order + pl->first[g] + b * SHRINK_ROWS;
+    const int nr = n - b * SHRINK_ROWS < SHRINK_ROWS ? n - b * SHRINK_ROWS : SHRINK_ROWS;
+    const uint16_t *ag = (const uint16_t *)a + (size_t)pl->slot[g] * R * parts * K;
+    const int rank = pl->rank[g], R2 = R + (R & 1);
+    uint16_t *s16 = (uint16_t *)s;
+    shrink_block_dot(ag, rank * parts, xin, K, rows, nr, s16, sp, parts, R2);
+    if (rank & 1)
+        for (int j = 0; j < nr; j++)
+            for (int p = 0; p < parts; p++) s16[(size_t)rows[j] * sp + (size_t)p * R2 + rank] = 0;
+}
+#endif
+
 /* s [M, max_rank * LORA_MAX_PARTS] = x [M, in] A^T for the rows under an adapter; bfloat16
    rows are made float32 once first, in xf [M, in] (not once per rank row). */
 static void lora_shrink(const lora_args *la, const lora_plan *pl, int proj, const void *a,
@@ -416,6 +547,22 @@ static void lora_shrink(const lora_args *la, const lora_plan *pl, int proj, cons
     const lora_shape *sh = &la->shape[proj];
     const int parts = sh->parts, K = sh->in, R = la->max_rank;
     const float *x = (const float *)xin;
+#ifdef LORA_BF16_DOT
+    if (bf16 && K % 32 == 0) { /* bfloat16 pairs straight from the rows and A (no float32 copy) */
+        const size_t sp = (size_t)(R + (R & 1)) * LORA_MAX_PARTS; /* uint16s a row */
+        const int units = pl->groups ? pl->block_end[pl->groups - 1] : 0;
+        /* units of one size split evenly; with a prefill chunk's large units among small
+           ones, they go to whichever thread is free */
+        if (pl->wide) {
+#pragma omp for schedule(dynamic, 1)
+            for (int u = 0; u < units; u++) shrink_unit_dot(pl, u, a, xin, K, R, parts, s, sp);
+        } else {
+#pragma omp for schedule(static)
+            for (int u = 0; u < units; u++) shrink_unit_dot(pl, u, a, xin, K, R, parts, s, sp);
+        }
+        return;
+    }
+#endif
     if (bf16) {
 #pragma omp for schedule(static)
         for (int r = 0; r < la->rows; r++)
@@ -426,7 +573,7 @@ static void lora_shrink(const lora_args *la, const lora_plan *pl, int proj, cons
     }
     const size_t sp = (size_t)R * LORA_MAX_PARTS;
     const int units = pl->groups ? pl->shrink_end[pl->groups - 1] : 0;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(static)
     for (int u = 0; u < units; u++) {
         int g = 0;
         while (u >= pl->shrink_end[g]) g++;
@@ -446,50 +593,115 @@ static void lora_shrink(const lora_args *la, const lora_plan *pl, int proj, cons
     }
 }
 
-/* y [M, out] += s B^T for the rows under an adapter, in place, in the activations' dtype. */
-static void lora_expand(const lora_args *la, const lora_plan *pl, int proj, const void *bc,
-                        void *y, int bf16, const float *s) {
+/* One row's V vectors of 8 output columns: y += s_row B^T, B^T's block in float32 in L1.
+   Inlined with a constant V for full units, so the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void expand_row(
+    const float *sr, int parts, int rank, const float *bt, const int V, void *y, int bf16) {
+    __m256 acc[LORA_COLS / 8];
+    for (int v = 0; v < V; v++) acc[v] = _mm256_setzero_ps();
+    for (int k = 0; k < rank; k++) {
+        __m256 sk = _mm256_set1_ps(sr[(size_t)k * parts]);
+        for (int v = 0; v < V; v++)
+            acc[v] = _mm256_fmadd_ps(sk, _mm256_loadu_ps(bt + k * LORA_COLS + 8 * v), acc[v]);
+    }
+    for (int v = 0; v < V; v++)
+        store8(y, bf16, 8 * v, _mm256_add_ps(load8(y, bf16, 8 * v), round8(acc[v], bf16)));
+}
+
+/* One unit of the expand: 64 (or fewer) columns of one chunk for one group's rows. */
+static void expand_unit(const lora_args *la, const lora_plan *pl, int proj, const void *bc,
+                        void *y, int bf16, const float *s, int u) {
     const lora_shape *sh = &la->shape[proj];
     const int parts = sh->parts, N = sh->out, chunk = sh->chunk, R = la->max_rank;
     const size_t sp = (size_t)R * LORA_MAX_PARTS;
     const int per_chunk = (chunk + LORA_COLS - 1) / LORA_COLS, per_group = sh->chunks * per_chunk;
-#pragma omp for schedule(dynamic, 1)
-    for (int u = 0; u < pl->groups * per_group; u++) {
-        const int g = u / per_group, c = u % per_group / per_chunk;
-        const int j0 = u % per_chunk * LORA_COLS;
-        const int w = chunk - j0 < LORA_COLS ? chunk - j0 : LORA_COLS, p = sh->chunk_part[c];
-        const int slot = pl->slot[g], rank = pl->rank[g];
-        const size_t base = ((size_t)slot * sh->chunks + c) * R * chunk + j0;
-        /* the unit's [rank, w] block of B^T in float32 once, read back from L1 by each of
-           the adapter's rows */
-        float bt[LORA_MAX_RANK * LORA_COLS];
+    const int g = u / per_group, c = u % per_group / per_chunk;
+    const int j0 = u % per_chunk * LORA_COLS;
+    const int w = chunk - j0 < LORA_COLS ? chunk - j0 : LORA_COLS, p = sh->chunk_part[c];
+    const int slot = pl->slot[g], rank = pl->rank[g];
+    const size_t base = ((size_t)slot * sh->chunks + c) * R * chunk + j0;
+#ifdef LORA_BF16_DOT
+    if (bf16 && sh->in % 32 == 0) { /* the bfloat16 shrink's pairs layout (lora_shrink) */
+        const int R2 = R + (R & 1);
+        const size_t sp16 = (size_t)R2 * LORA_MAX_PARTS;
+        const uint16_t *s16 = (const uint16_t *)s;
+        if (w % 16 == 0) { /* the unit's B^T as pairs once, read back from L1 */
+            __m512i bt2[LORA_MAX_RANK / 2 * (LORA_COLS / 16)];
+            const uint16_t *b = (const uint16_t *)bc + base;
+            for (int k = 0; k < rank; k += 2)
+                for (int v = 0; v < w / 16; v++)
+                    bt2[k / 2 * (LORA_COLS / 16) + v] =
+                        bt_pairs(b + (size_t)k * chunk + 16 * v,
+                                 k + 1 < rank ? b + (size_t)(k + 1) * chunk + 16 * v : NULL);
+            for (int i = pl->first[g]; i < pl->first[g + 1]; i += 2) {
+                const int two = i + 1 < pl->first[g + 1];
+                const uint32_t *pairs[2];
+                uint16_t *yr[2];
+                for (int j = 0; j <= two; j++) {
+                    const int r = pl->order[i + j];
+                    pairs[j] = (const uint32_t *)(s16 + (size_t)r * sp16 + (size_t)p * R2);
+                    yr[j] = (uint16_t *)y + (size_t)r * N + (size_t)c * chunk + j0;
+                }
+                if (w == LORA_COLS && two) expand_rows_dot(pairs, rank, bt2, LORA_COLS / 16, yr, 2);
+                else if (w == LORA_COLS) expand_rows_dot(pairs, rank, bt2, LORA_COLS / 16, yr, 1);
+                else if (two) expand_rows_dot(pairs, rank, bt2, w / 16, yr, 2);
+                else expand_rows_dot(pairs, rank, bt2, w / 16, yr, 1);
+            }
+            return;
+        }
+        /* a part of fewer columns: float32 arithmetic on the row's pairs widened */
+        float bt[LORA_MAX_RANK * LORA_COLS], sr[LORA_MAX_RANK];
         for (int k = 0; k < rank; k++)
             for (int v = 0; v < w / 8; v++)
-                _mm256_storeu_ps(bt + k * LORA_COLS + 8 * v, load8(bc, bf16, base + (size_t)k * chunk + 8 * v));
+                _mm256_storeu_ps(bt + k * LORA_COLS + 8 * v, load8(bc, 1, base + (size_t)k * chunk + 8 * v));
         for (int i = pl->first[g]; i < pl->first[g + 1]; i++) {
             const int r = pl->order[i];
-            const float *sr = s + (size_t)r * sp + p;
-            __m256 acc[LORA_COLS / 8];
-            for (int v = 0; v < w / 8; v++) acc[v] = _mm256_setzero_ps();
-            for (int k = 0; k < rank; k++) {
-                __m256 sk = _mm256_set1_ps(sr[(size_t)k * parts]);
-                for (int v = 0; v < w / 8; v++)
-                    acc[v] = _mm256_fmadd_ps(sk, _mm256_loadu_ps(bt + k * LORA_COLS + 8 * v), acc[v]);
-            }
-            const size_t out = (size_t)r * N + (size_t)c * chunk + j0;
-            for (int v = 0; v < w / 8; v++)
-                store8(y, bf16, out + 8 * v, _mm256_add_ps(load8(y, bf16, out + 8 * v), round8(acc[v], bf16)));
+            for (int k = 0; k < rank; k++) sr[k] = bf16_to_f32(s16[(size_t)r * sp16 + (size_t)p * R2 + k]);
+            void *yr = (uint16_t *)y + (size_t)r * N + (size_t)c * chunk + j0;
+            expand_row(sr, 1, rank, bt, w / 8, yr, 1);
         }
+        return;
+    }
+#endif
+    /* the unit's [rank, w] block of B^T in float32 once, read back from L1 by each of
+       the adapter's rows */
+    float bt[LORA_MAX_RANK * LORA_COLS];
+    for (int k = 0; k < rank; k++)
+        for (int v = 0; v < w / 8; v++)
+            _mm256_storeu_ps(bt + k * LORA_COLS + 8 * v, load8(bc, bf16, base + (size_t)k * chunk + 8 * v));
+    for (int i = pl->first[g]; i < pl->first[g + 1]; i++) {
+        const int r = pl->order[i];
+        const float *sr = s + (size_t)r * sp + p;
+        void *yr = (char *)y + ((size_t)r * N + (size_t)c * chunk + j0) * (bf16 ? 2 : 4);
+        if (w == LORA_COLS) expand_row(sr, parts, rank, bt, LORA_COLS / 8, yr, bf16);
+        else expand_row(sr, parts, rank, bt, w / 8, yr, bf16);
+    }
+}
+
+/* y [M, out] += s B^T for the rows under an adapter, in place, in the activations' dtype;
+   units of one size split evenly, with a prefill chunk's large units among small ones they
+   go to whichever thread is free. */
+static void lora_expand(const lora_args *la, const lora_plan *pl, int proj, const void *bc,
+                        void *y, int bf16, const float *s) {
+    const lora_shape *sh = &la->shape[proj];
+    const int units = pl->groups * sh->chunks * ((sh->chunk + LORA_COLS - 1) / LORA_COLS);
+    if (pl->wide) {
+#pragma omp for schedule(dynamic, 1)
+        for (int u = 0; u < units; u++) expand_unit(la, pl, proj, bc, y, bf16, s, u);
+    } else {
+#pragma omp for schedule(static)
+        for (int u = 0; u < units; u++) expand_unit(la, pl, proj, bc, y, bf16, s, u);
     }
 }
 
 /* The rows grouped by adapter slot in order of first appearance, base rows left out, in
    memory of lora_plan_ints(M) ints. */
-static size_t lora_plan_ints(int M) { return (size_t)6 * M + 1; }
+static size_t lora_plan_ints(int M) { return (size_t)7 * M + 1; }
 
 static lora_plan lora_plan_rows(const lora_args *la, int M, int *mem) {
-    lora_plan pl = {0, mem, mem + M, mem + 2 * M + 1, mem + 3 * M + 1, mem + 4 * M + 1};
-    int *placed = mem + 5 * M + 1, at = 0;
+    lora_plan pl = {0, mem, mem + M, mem + 2 * M + 1, mem + 3 * M + 1, mem + 4 * M + 1,
+                    mem + 5 * M + 1, 0};
+    int *placed = mem + 6 * M + 1, at = 0;
     memset(placed, 0, sizeof(int) * (size_t)M);
     pl.first[0] = 0;
     for (int r = 0; r < M; r++) {
@@ -504,8 +716,62 @@ static lora_plan lora_plan_rows(const lora_args *la, int M, int *mem) {
             }
         pl.first[g + 1] = at;
         pl.shrink_end[g] = (g ? pl.shrink_end[g - 1] : 0) + pl.rank[g];
+        const int nr = pl.first[g + 1] - pl.first[g];
+        pl.block_end[g] = (g ? pl.block_end[g - 1] : 0) + (nr + SHRINK_ROWS - 1) / SHRINK_ROWS;
+        pl.wide |= nr > SHRINK_ROWS;
     }
     return pl;
+}
+
+/* y [M, out] += x [M, in] A^T B^T, each row with its own adapter (slot[r], -1: none): one
+   projection's LoRA delta for any step in one call (prefill chunks of hundreds of rows under
+   one adapter, decode rows, both mixed), bfloat16 x, y and slot tensors as above, with the
+   same rows-by-adapter plan and kernels as the one-call decode step. Where torch's path runs
+   a shrink and an expand per segment (bfloat16 matmuls of 16 to 48 columns, far below the
+   base matmul's rate, plus gathers for the decode rows), this is one call a projection.
+   Returns 0; 1 where this build has no bfloat16 dot products or the shape is not one it
+   takes (the caller keeps torch's path); -1 when memory is short. */
+int lora_delta(const void *x, void *y, int M, const void *a, const void *bc,
+               const lora_shape *sh, int max_rank, const int *slot, const int *rank,
+               int threads) {
+#ifndef LORA_BF16_DOT
+    (void)x, (void)y, (void)M, (void)a, (void)bc, (void)sh, (void)max_rank, (void)slot,
+        (void)rank, (void)threads;
+    return 1;
+#else
+    if (sh->in % 32 || sh->chunk % 8 || max_rank > LORA_MAX_RANK || sh->parts > LORA_MAX_PARTS ||
+        sh->chunks > LORA_MAX_CHUNKS)
+        return 1;
+    lora_args la;
+    memset(&la, 0, sizeof la);
+    la.shape[0] = *sh;
+    la.max_rank = max_rank;
+    la.slot = slot;
+    la.rank = rank;
+    la.rows = M;
+    /* the plan and the shrink's outputs in memory kept between calls (a prefill chunk's
+       would otherwise be mapped and faulted in afresh by each of a step's ~120 calls) */
+    static __thread char *keep;
+    static __thread size_t kept;
+    const size_t plan_bytes = (sizeof(int) * lora_plan_ints(M) + 63) / 64 * 64;
+    const size_t need = plan_bytes + sizeof(float) * (size_t)M * max_rank * LORA_MAX_PARTS;
+    if (need > kept) {
+        free(keep);
+        keep = aligned_alloc(64, (need + 63) / 64 * 64);
+        kept = keep ? need : 0;
+        if (!keep) return -1;
+    }
+    int *plan = (int *)keep;
+    float *s = (float *)(keep + plan_bytes);
+    lora_plan pl = lora_plan_rows(&la, M, plan);
+    if (threads < 1) threads = 1;
+#pragma omp parallel num_threads(threads) if (threads > 1 && pl.groups)
+    {
+        lora_shrink(&la, &pl, 0, a, x, 1, NULL, s); /* its worksharing loop ends in a barrier */
+        lora_expand(&la, &pl, 0, bc, y, 1, s);
+    }
+    return 0;
+#endif
 }
 
 /* x [M, H]: the float32 residual stream, updated in place through all L layers (the final
