@@ -472,3 +472,23 @@ def test_plan_picks_the_cheap_form():
     lb = LoraBatch.build([1, 1, 2, -1, 2, 2], [50, 30, 20, 9, 1, 1], ranks, "cpu")
     assert lb.segments == [(0, 80, 1, 16), (80, 100, 2, 16)]
     assert lb.start == 109 and lb.mode == "single"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_delta_keeps_every_tensor_on_the_step_device(case):
+    """The slots, the plan and the rows on the meta device: a tensor made on the CPU in the
+    delta's path (as a bare `torch.arange` was, crashing the grouped form on CUDA) fails
+    here, without a GPU."""
+    req_slots, lens = CASES[case]
+    ranks = {s: (8, 16)[s % 2] for s in range(16)}
+    for parts in ([6, 4], [10]):
+        slots = LoraSlots(16, 16, 16, parts, torch.float16, "meta")
+        for s, r in ranks.items():
+            for part, out in enumerate(parts):
+                slots.write(s, part, torch.randn(r, 16), torch.randn(out, r))
+        lb = LoraBatch.build(req_slots, lens, ranks, "meta")
+        x = torch.empty(sum(lens), 16, dtype=torch.float16, device="meta")
+        got = slots.add_delta(
+            torch.empty(x.shape[0], 10, dtype=torch.float16, device="meta"), x, lb
+        )
+        assert got.device.type == "meta" and got.shape == (x.shape[0], 10)
