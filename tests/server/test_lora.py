@@ -22,6 +22,7 @@ import openai
 import pytest
 import torch
 from api_harness import DEFAULT_FLAGS, error_of, start_server
+from peft_reference import load_peft, peft_greedy
 from radixserve.config import ServerArgs
 from radixserve.layers.lora import LoraBatch, LoraSlots
 
@@ -129,34 +130,18 @@ def started(folders, remote):
 def made(folders, started):
     """(the adapters' folders, PEFT's greedy tokens per (adapter or None, prompt)), from the
     saved adapters loaded onto the transformers model in float32."""
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     src = _base_source()
     base = AutoModelForCausalLM.from_pretrained(
         src.folder, gguf_file=src.gguf_file, dtype=torch.float32
     ).eval()
-    names = list(ADAPTERS)
-    model = PeftModel.from_pretrained(base, folders[names[0]], adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(folders[name], adapter_name=name)
+    model = load_peft(base, folders)
     want = {}
-    for name in [*names, None]:
+    for name in [*ADAPTERS, None]:
         for key, ids in PROMPTS.items():
-            want[name, key] = _peft_greedy(model, name, ids)
+            want[name, key] = peft_greedy(model, name, ids, NEW_TOKENS)
     return folders, want
-
-
-def _peft_greedy(model, adapter: str | None, ids: list[int]) -> list[int]:
-    kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
-    with torch.no_grad():
-        if adapter is None:
-            with model.disable_adapter():
-                out = model.generate(torch.tensor([ids]), **kw)
-        else:
-            model.set_adapter(adapter)
-            out = model.generate(torch.tensor([ids]), **kw)
-    return out[0, len(ids) :].tolist()
 
 
 @pytest.fixture(scope="module")
