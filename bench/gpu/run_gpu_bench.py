@@ -252,9 +252,10 @@ def run_lora(env, out_dir: Path, stem: str, budget: float, commands: list[str]) 
         "--adapters", str(LORA_ADAPTERS), "--rank", "16",
         "--num-prompts", "200", "--input-len", "128", "--output-len", "64",
         "--concurrency", "32", "--port", str(free_port()),
-        # the run never exceeds 32 rows a step: capture no larger graphs
+        # the run never exceeds 32 rows a step: capture no larger graphs; the first start
+        # may include FlashInfer's JIT build when `tests-lora` did not run before
         "--server-args=--dtype float16 --cuda-graph-max-bs 32",
-        "--max-duration", "60", "--start-timeout", "150",
+        "--max-duration", "60", "--start-timeout", "240",
         "--log-dir", str(out_dir), "--out", str(out_dir / f"{stem}-lora"),
     ]  # fmt: skip
     commands.append(shlex.join(cmd))
