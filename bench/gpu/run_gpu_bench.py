@@ -8,6 +8,14 @@ on the GPU machine, with .gpu carried (the device tool: carry=[".gpu"], timeout_
 
     python3 bench/gpu/run_gpu_bench.py                # install, gpu tests, benchmark
     python3 bench/gpu/run_gpu_bench.py tests,moe      # or some phases (install always runs)
+    python3 bench/gpu/run_gpu_bench.py tests-lora,lora --budget-s 330   # multi-LoRA only
+
+Phases: `tests` (every `gpu` test), `tests-lora` (only tests/server/test_lora_gpu.py),
+`moe`, `bench` (ShareGPT at concurrency 1, 32, 128), `lora` (bench/lora.py on the same
+model: served alone, then with 16 random rank-16 adapters on all seven projections; 200
+random prompts of 128 tokens, 64 output tokens, concurrency 32, requests spread evenly over
+the adapters; ~3 minutes, most of it the two servers' starts). `lora` is not a default
+phase: with the others it would not fit one call.
 
 Phases stop at --budget-s (default 560 s) so that what finished still comes back: the tests
 need FlashInfer's first JIT build (one prefill and one decode module for float16 and head
@@ -59,6 +67,15 @@ LLAMA3_8B = dict(
 # concurrency -> prompts; ShareGPT replies capped at 256 tokens, as in the CPU benchmark
 RUNS = {1: 16, 32: 200, 128: 200}
 BENCH_MIN_S = 240  # model write + load + graph capture + one run
+# model write (~27 s), 16 adapters (~15 s), two server starts (~50 s each, more if
+# FlashInfer's kernels are not built yet), two runs (seconds; the LoRA one eager)
+LORA_MIN_S = 200
+LORA_ADAPTERS = 16
+GPU_TESTS = [
+    "tests/server/test_gpu_paths.py",
+    "tests/server/test_moe_layer.py",
+    "tests/server/test_lora_gpu.py",
+]
 START = time.monotonic()
 
 
@@ -147,14 +164,15 @@ def versions(env) -> dict[str, str]:
     return info
 
 
-def run_tests(env, out_dir: Path, budget: float, reserve: float) -> str:
-    log_path = out_dir / "gpu-tests.log"
+def run_tests(
+    env, out_dir: Path, budget: float, reserve: float, files: list[str], name: str = "gpu-tests"
+) -> str:
+    log_path = out_dir / f"{name}.log"
     cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-m", "gpu", "-p", "no:cacheprovider"]
-    cmd += ["tests/server/test_gpu_paths.py", "tests/server/test_moe_layer.py"]
-    rc = sh(cmd, out=log_path, timeout=max(left(budget) - reserve, 30), env=env)
+    rc = sh(cmd + files, out=log_path, timeout=max(left(budget) - reserve, 30), env=env)
     tail = log_path.read_text().strip().splitlines()[-1:] if log_path.exists() else []
-    summary = f"exit {rc}: {tail[0] if tail else 'no output'}"
-    log(f"gpu tests: {summary}")
+    summary = f"exit {rc}: {tail[0] if tail else 'no output'} ({name}.log)"
+    log(f"{' '.join(files)}: {summary}")
     return summary
 
 
@@ -216,12 +234,39 @@ def wait_healthy(proc: subprocess.Popen, port: int, timeout: float) -> bool:
     return False
 
 
+def ensure_model(env) -> bool:
+    """The random-weight model in .gpu/ (kept while the machine stays warm)."""
+    if (MODEL / "config.json").exists():
+        return True
+    log("writing the random-weight model")
+    return sh([sys.executable, __file__, "random-model"], env=env) == 0
+
+
+def run_lora(env, out_dir: Path, stem: str, budget: float, commands: list[str]) -> list[str]:
+    """bench/lora.py on the random 8B-shaped model: the base alone, then 16 adapters."""
+    if not ensure_model(env):
+        return ["lora: writing the random-weight model failed"]
+    cmd = [
+        sys.executable, "bench/lora.py",
+        "--model", str(MODEL), "--tokenizer", str(TOKENIZER),
+        "--adapters", str(LORA_ADAPTERS), "--rank", "16",
+        "--num-prompts", "200", "--input-len", "128", "--output-len", "64",
+        "--concurrency", "32", "--port", str(free_port()),
+        # the run never exceeds 32 rows a step: capture no larger graphs; the first start
+        # may include FlashInfer's JIT build when `tests-lora` did not run before
+        "--server-args=--dtype float16 --cuda-graph-max-bs 32",
+        "--max-duration", "60", "--start-timeout", "240",
+        "--log-dir", str(out_dir), "--out", str(out_dir / f"{stem}-lora"),
+    ]  # fmt: skip
+    commands.append(shlex.join(cmd))
+    rc = sh(cmd, timeout=max(left(budget) - 5, 30), env=env)
+    return [f"lora (bench/lora.py): exit {rc}; see {stem}-lora.md and the server logs"]
+
+
 def run_bench(env, out_dir: Path, stem: str, budget: float, commands: list[str]) -> list[str]:
     notes: list[str] = []
-    if not (MODEL / "config.json").exists():
-        log("writing the random-weight model")
-        if sh([sys.executable, __file__, "random-model"], env=env) != 0:
-            return ["writing the random-weight model failed"]
+    if not ensure_model(env):
+        return ["writing the random-weight model failed"]
     port = free_port()
     server = [sys.executable, "-m", "radixserve.cli", "serve", "--model", str(MODEL)]
     server += ["--tokenizer-path", str(TOKENIZER), "--dtype", "float16"]
@@ -265,14 +310,14 @@ def run_bench(env, out_dir: Path, stem: str, budget: float, commands: list[str])
     return notes
 
 
-def write_report(out_dir: Path, stem: str, info: dict, tests: str, notes, commands) -> None:
+def write_report(out_dir: Path, stem: str, info: dict, tests: list[str], notes, commands) -> None:
     jsonl = out_dir / f"{stem}.jsonl"
     records = load_records(jsonl) if jsonl.exists() else []
     if records:
         write_csv(records, out_dir / f"{stem}.csv")
     lines = [f"# GPU run, {date.today().isoformat()}", ""]
     lines += [f"- {k}: {v}" for k, v in info.items()]
-    lines += [f"- gpu tests (tests/server/test_gpu_paths.py -m gpu): {tests}"]
+    lines += [f"- gpu tests (pytest -m gpu): {t}" for t in tests or ["not run"]]
     lines += [
         "- model: Llama-3-8B's layers with random float16 weights and the default model's "
         "tokenizer (vocabulary 49152); every request ignores EOS",
@@ -282,9 +327,13 @@ def write_report(out_dir: Path, stem: str, info: dict, tests: str, notes, comman
         "",
     ]
     lines += [f"- {n}" for n in notes]
-    lines += ["", "| " + " | ".join(label for _, label in COLUMNS) + " |"]
-    lines.append("|" + "---|" * len(COLUMNS))
-    lines += ["| " + " | ".join(fmt(r.get(k)) for k, _ in COLUMNS) + " |" for r in records]
+    lora = out_dir / f"{stem}-lora.md"
+    if lora.exists():  # the `lora` phase's report, under this one's title
+        lines += ["", "#" + lora.read_text().strip()]
+    if records:  # the `bench` phase's
+        lines += ["", "| " + " | ".join(label for _, label in COLUMNS) + " |"]
+        lines.append("|" + "---|" * len(COLUMNS))
+        lines += ["| " + " | ".join(fmt(r.get(k)) for k, _ in COLUMNS) + " |" for r in records]
     lines += ["", "## Exact commands", "", "```", *commands, "```", ""]
     (out_dir / f"{stem}.md").write_text("\n".join(lines))
     print("\n".join(lines), flush=True)
@@ -292,13 +341,18 @@ def write_report(out_dir: Path, stem: str, info: dict, tests: str, notes, comman
 
 def main() -> int:
     ap = argparse.ArgumentParser(description="gpu tests and the GPU benchmark, in one call")
-    ap.add_argument("phases", nargs="?", default="tests,moe,bench", help="tests, moe, bench")
+    ap.add_argument(
+        "phases", nargs="?", default="tests,moe,bench", help="tests, tests-lora, moe, bench, lora"
+    )
     ap.add_argument("--budget-s", type=float, default=560.0)
     args = ap.parse_args()
     if args.phases == "random-model":
         write_random_model(MODEL)
         return 0
     phases = set(args.phases.split(","))
+    unknown = phases - {"tests", "tests-lora", "moe", "bench", "lora"}
+    if unknown:
+        raise SystemExit(f"unknown phase(s) {sorted(unknown)}")
     out_dir = Path(os.environ.get("OUT") or ROOT / "bench" / "results" / f"gpu-{date.today()}")
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{date.today().isoformat()}-gpu"
@@ -307,10 +361,14 @@ def main() -> int:
     info = versions(env)
     log(f"versions: {info}")
     commands = [f"python3 bench/gpu/run_gpu_bench.py {args.phases}"]
-    tests, notes = "not run", []
+    tests, notes = [], []
+    # what the later phases need is kept back from the tests' time
+    reserve = (BENCH_MIN_S if "bench" in phases else 0) + (LORA_MIN_S if "lora" in phases else 0)
     if "tests" in phases:
-        reserve = BENCH_MIN_S if "bench" in phases else 0
-        tests = run_tests(env, out_dir, args.budget_s, reserve)
+        tests.append(run_tests(env, out_dir, args.budget_s, reserve, GPU_TESTS))
+    elif "tests-lora" in phases:
+        files = ["tests/server/test_lora_gpu.py"]
+        tests.append(run_tests(env, out_dir, args.budget_s, reserve, files, "gpu-tests-lora"))
     if "moe" in phases:  # seconds: the expert layer's grouped GEMM against its loop
         rc = sh([sys.executable, "bench/gpu/moe_grouped.py", "--out", str(out_dir)], env=env)
         notes.append(f"moe_grouped.py: exit {rc} (moe-grouped.md)")
@@ -319,6 +377,11 @@ def main() -> int:
             notes.append("benchmark skipped: out of time (run the `bench` phase alone)")
         else:
             notes += run_bench(env, out_dir, stem, args.budget_s, commands)
+    if "lora" in phases:
+        if left(args.budget_s) < LORA_MIN_S * 0.75:
+            notes.append("lora skipped: out of time (run the `lora` phase alone)")
+        else:
+            notes += run_lora(env, out_dir, stem, args.budget_s, commands)
     write_report(out_dir, stem, info, tests, notes, commands)
     log("done")
     return 0

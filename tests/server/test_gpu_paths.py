@@ -71,11 +71,17 @@ def tiny_model(path: str, *, heads: int, kv_heads: int, head_dim: int, layers: i
 
 
 def generate(
-    args: ServerArgs, waves: list[list[list[int]]], max_new: list[int], *, top2: bool = False
+    args: ServerArgs,
+    waves: list[list[list[int]]],
+    max_new: list[int],
+    *,
+    top2: bool = False,
+    loras: list[str | None] | None = None,
 ):
     """Greedy tokens of every prompt through the real scheduler; each wave runs to the end
     before the next starts, so later waves hit the radix cache. With `top2`, also each
-    token's two best (id, logprob) pairs."""
+    token's two best (id, logprob) pairs; `loras` names each prompt's adapter (None: the
+    base model)."""
     runner = ModelRunner(args)
     sched = Scheduler(args, runner, None, [])
     out: dict[str, list[int]] = {}
@@ -84,8 +90,11 @@ def generate(
     for wave in waves:
         for ids in wave:
             params = SamplingParams(temperature=0.0, max_new_tokens=max_new[n], ignore_eos=True)
+            lora = loras[n] if loras else None
             sched.add_request(
-                TokenizedGenerateReq(f"r{n}", ids, params, return_logprob=top2, top_logprobs_num=2)
+                TokenizedGenerateReq(
+                    f"r{n}", ids, params, return_logprob=top2, top_logprobs_num=2, lora_name=lora
+                )
             )
             n += 1
         while sched.has_work():
@@ -531,16 +540,19 @@ def gpu_generate(args: ServerArgs, *, top2: bool = False):
         free_gpu_memory()
 
 
-def assert_same_greedy(reference, reference_top2, got, what: str) -> None:
+def assert_same_greedy(
+    reference, reference_top2, got, what: str, *, near_tie: float = NEAR_TIE
+) -> None:
     """Token for token, except that a path may part where the reference's best two tokens
-    were within NEAR_TIE nats and the other run took the second; and most prompts never part."""
+    were within `near_tie` nats and the other run took the second; and most prompts never
+    part."""
     parted = 0
     for i, (ref, top2, out) in enumerate(zip(reference, reference_top2, got, strict=True)):
         assert len(out) == len(ref), f"{what}: prompt {i} length"
         for t, (a, b) in enumerate(zip(ref, out, strict=True)):
             if a != b:
                 (first, lp1), (second, lp2) = top2[t]
-                assert b == second and lp1 - lp2 < NEAR_TIE, (
+                assert b == second and lp1 - lp2 < near_tie, (
                     f"{what}: prompt {i} token {t} is {b}, reference {a} (its top two {top2[t]})"
                 )
                 parted += 1

@@ -22,6 +22,7 @@ import openai
 import pytest
 import torch
 from api_harness import DEFAULT_FLAGS, error_of, start_server
+from peft_reference import load_peft, peft_greedy
 from radixserve.config import ServerArgs
 from radixserve.layers import cpu_kernels
 from radixserve.layers.lora import LoraBatch, LoraSlots
@@ -130,34 +131,18 @@ def started(folders, remote):
 def made(folders, started):
     """(the adapters' folders, PEFT's greedy tokens per (adapter or None, prompt)), from the
     saved adapters loaded onto the transformers model in float32."""
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     src = _base_source()
     base = AutoModelForCausalLM.from_pretrained(
         src.folder, gguf_file=src.gguf_file, dtype=torch.float32
     ).eval()
-    names = list(ADAPTERS)
-    model = PeftModel.from_pretrained(base, folders[names[0]], adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(folders[name], adapter_name=name)
+    model = load_peft(base, folders)
     want = {}
-    for name in [*names, None]:
+    for name in [*ADAPTERS, None]:
         for key, ids in PROMPTS.items():
-            want[name, key] = _peft_greedy(model, name, ids)
+            want[name, key] = peft_greedy(model, name, ids, NEW_TOKENS)
     return folders, want
-
-
-def _peft_greedy(model, adapter: str | None, ids: list[int]) -> list[int]:
-    kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
-    with torch.no_grad():
-        if adapter is None:
-            with model.disable_adapter():
-                out = model.generate(torch.tensor([ids]), **kw)
-        else:
-            model.set_adapter(adapter)
-            out = model.generate(torch.tensor([ids]), **kw)
-    return out[0, len(ids) :].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -520,3 +505,23 @@ def test_bfloat16_c_delta_gives_each_row_its_own_adapter(case, parts, monkeypatc
     # to bfloat16's precision of the delta and of the sum (three roundings of ~0.4% each)
     err = (got.float() - want)[lora].abs().amax(-1)
     assert (err <= 0.02 * want[lora].abs().amax(-1) + 0.02 * want_delta.abs().amax(-1)).all()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_delta_keeps_every_tensor_on_the_step_device(case):
+    """The slots, the plan and the rows on the meta device: a tensor made on the CPU in the
+    delta's path (as a bare `torch.arange` was, crashing the grouped form on CUDA) fails
+    here, without a GPU."""
+    req_slots, lens = CASES[case]
+    ranks = {s: (8, 16)[s % 2] for s in range(16)}
+    for parts in ([6, 4], [10]):
+        slots = LoraSlots(16, 16, 16, parts, torch.float16, "meta")
+        for s, r in ranks.items():
+            for part, out in enumerate(parts):
+                slots.write(s, part, torch.randn(r, 16), torch.randn(out, r))
+        lb = LoraBatch.build(req_slots, lens, ranks, "meta")
+        x = torch.empty(sum(lens), 16, dtype=torch.float16, device="meta")
+        got = slots.add_delta(
+            torch.empty(x.shape[0], 10, dtype=torch.float16, device="meta"), x, lb
+        )
+        assert got.device.type == "meta" and got.shape == (x.shape[0], 10)

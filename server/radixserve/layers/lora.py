@@ -173,7 +173,7 @@ class LoraBatch:
             idx = idx[..., list(chunk_part)].permute(0, 3, 1, 2).flatten()  # [s, c, w, r]
             places = s * w
             slot, pos = self.back // w, self.back % w
-            back = (slot[:, None] * c + torch.arange(c)) * w + pos[:, None]
+            back = (slot[:, None] * c + torch.arange(c, device=slot.device)) * w + pos[:, None]
             back = torch.where(self.back[:, None] < places, back, s * c * w).flatten()
             self.chunk_index[chunk_part] = (idx.to(self.back.device), back)
         return self.chunk_index[chunk_part]
