@@ -25,7 +25,7 @@ from api_harness import DEFAULT_FLAGS, error_of, start_server
 from peft_reference import load_peft, peft_greedy
 from radixserve.config import ServerArgs
 from radixserve.layers import cpu_kernels
-from radixserve.layers.lora import LoraBatch, LoraSlots
+from radixserve.layers.lora import LoraBatch, LoraRows, LoraSlots
 
 KEY = "lora-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -525,3 +525,27 @@ def test_delta_keeps_every_tensor_on_the_step_device(case):
             torch.empty(x.shape[0], 10, dtype=torch.float16, device="meta"), x, lb
         )
         assert got.device.type == "meta" and got.shape == (x.shape[0], 10)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_fixed_shape_rows_form_gives_each_row_its_own_adapter(rows):
+    """The form CUDA graphs capture (LoraRows: every row gathers its own slot, base rows
+    masked, padding past the batch masked): each row's own adapter's delta, base and
+    padding rows untouched; refilled for another mix of adapters, the same buffers give
+    the new mix's deltas."""
+    ranks = {s: (8, 16)[s % 2] for s in range(16)}
+    slots, weights = _reference_case(0, ranks)
+    rows_form = LoraRows(torch.zeros(rows + 3, dtype=torch.int64), torch.zeros(rows + 3))
+    x = torch.randn(rows + 3, 16)
+    base = torch.randn(rows + 3, 10)
+    for seed in (0, 1):
+        per_row = [
+            int(s)
+            for s in torch.randint(-1, 16, (rows,), generator=torch.Generator().manual_seed(seed))
+        ]
+        rows_form.fill(per_row)
+        got = slots.add_delta(base.clone(), x, rows_form)
+        want = _reference(x, base, per_row + [-1] * 3, weights)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        base_rows = torch.tensor(per_row + [-1] * 3) < 0
+        assert torch.equal(got[base_rows], base[base_rows])

@@ -8,12 +8,12 @@ Marked `gpu` (skipped without CUDA, and without flashinfer where they need it):
   tokens equal PEFT's (the transformers model with the same adapters on CUDA), except at a
   near tie (PEFT's best two within FLOAT32_TIE nats).
 - float16, FlashInfer and decode CUDA graphs: the tokens of the float16 torch backend,
-  parting only at a near tie as in test_gpu_paths.py; the steps that replay a graph are
-  the base model's alone (graphs are captured without adapters), and some do.
+  parting only at a near tie as in test_gpu_paths.py; decode steps with adapters replay
+  the graphs (captured with the adapters' fixed-shape form, layers/lora.py's LoraRows).
 
 On any machine (in `make test`): the FlashInfer backend and CUDA-graph runner on
 test_gpu_paths.py's CPU stand-ins, with the adapters, give the torch backend's tokens in
-float32, and only base-model decode steps replay graphs.
+float32, decode steps with adapters among those that replay graphs.
 
 The adapters (radixserve.bench.lora_adapters): ranks 8 and 16, different target modules,
 A and B large enough that each adapter's tokens differ from the others' and the base's.
@@ -165,19 +165,17 @@ def test_lora_on_flashinfer_with_cuda_graphs_gives_torch_backend_tokens(lora_mod
     )
     replayed = spy_replays(monkeypatch)
     got = lora_generate(lora_args(model, folders, attention_backend="flashinfer"))
-    assert replayed, "no base-model decode step replayed a graph"
+    assert any(replayed), "no decode step with an adapter replayed a graph"
     assert_same_greedy(reference, top2, got, "LoRA: flashinfer + graphs vs torch, float16")
 
 
-def spy_replays(monkeypatch) -> list[int]:
-    """The batch sizes of the decode steps that replayed a graph; a step with an adapter
-    that replays fails (graphs are captured without adapters)."""
-    replayed: list[int] = []
+def spy_replays(monkeypatch) -> list[bool]:
+    """Per decode step that replayed a graph, whether it used an adapter."""
+    replayed: list[bool] = []
     real_replay = CudaGraphRunner.replay
 
     def spy(self, batch):
-        assert not any(s >= 0 for s in batch.lora_slots or ()), "a LoRA step replayed a graph"
-        replayed.append(batch.batch_size)
+        replayed.append(any(s >= 0 for s in batch.lora_slots or ()))
         return real_replay(self, batch)
 
     monkeypatch.setattr(CudaGraphRunner, "replay", spy)
@@ -205,4 +203,4 @@ def test_lora_with_flashinfer_and_cuda_graphs_on_the_cpu_stand_ins(
     with fake_cuda_graphs(monkeypatch, fake_flashinfer):
         got = lora_generate(lora_args(model, folders, attention_backend="flashinfer", **common))
     assert got == reference
-    assert replayed, "no base-model decode step replayed a graph"
+    assert any(replayed), "no decode step with an adapter replayed a graph"

@@ -12,6 +12,9 @@ Graphs need fixed shapes and fixed addresses, so:
   during a capture (FlashInfer's plan cannot be captured);
 - the logits come back in the graph's own output tensor, valid until the next replay
   (the scheduler samples from them before it runs another step).
+With --enable-lora the graphs are captured with the adapters' fixed-shape form
+(layers/lora.py's LoraRows: per-row slot indices and a mask in static buffers), so decode
+steps with any mix of adapters and the base replay them too.
 Prefill and mixed steps, and decode batches above the bound, run eagerly. Under tensor
 parallelism every rank captures the same sizes in the same order and replays the same one
 each step, so the NCCL all-reduces recorded in the graphs line up.
@@ -24,6 +27,7 @@ import logging
 import torch
 
 from radixserve.layers.attention import ForwardBatch
+from radixserve.layers.lora import LoraRows
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +55,12 @@ class CudaGraphRunner:
         self.positions = torch.zeros(self.max_bs, dtype=torch.int64, device=device)
         self.out_cache_loc = torch.zeros(self.max_bs, dtype=torch.int64, device=device)
         self.scratch = torch.zeros(1, dtype=torch.int64)  # a padding row's one slot
+        # with adapters: each row's slot and mask, in place for every captured size
+        self.lora: dict[int, LoraRows] = {}
+        if getattr(runner, "lora", None) is not None:
+            slot = torch.zeros(self.max_bs, dtype=torch.int64, device=device)
+            mask = torch.zeros(self.max_bs, dtype=runner.dtype, device=device)
+            self.lora = {bs: LoraRows(slot[:bs], mask[:bs]) for bs in self.batch_sizes}
         # the slots one batch's page table can list: requests sharing a cached prefix list
         # the same slots, so bound it by the requests' longest possible sequences
         max_indices = self.max_bs * runner.context_length
@@ -65,11 +75,11 @@ class CudaGraphRunner:
         logger.info("captured decode CUDA graphs for batch sizes %s", self.batch_sizes)
 
     def can_run(self, batch: ForwardBatch) -> bool:
-        # graphs are captured without adapters: a step that uses one runs eagerly
+        # graphs captured without adapters (no --enable-lora) leave a step with one eager
         return (
             batch.num_prefill_reqs == 0
             and batch.batch_size <= self.max_bs
-            and not any(s >= 0 for s in batch.lora_slots or ())
+            and (bool(self.lora) or not any(s >= 0 for s in batch.lora_slots or ()))
         )
 
     def _batch(self, bs: int, prefix_lens: list[int], req_slots: list[torch.Tensor]):
@@ -83,7 +93,7 @@ class CudaGraphRunner:
             prefix_lens=prefix_lens,
             extend_lens=[1] * bs,
             req_slots=req_slots,
-            metadata={"cuda_graph_bs": bs},
+            metadata={"cuda_graph_bs": bs, **({"lora": self.lora[bs]} if self.lora else {})},
         )
 
     def _run(self, batch: ForwardBatch) -> torch.Tensor:
@@ -118,6 +128,8 @@ class CudaGraphRunner:
             # rows left from a larger batch hold live requests' slots: padding writes slot 0
             buf[n:bs].zero_()
         pad = bs - n
+        if self.lora:
+            self.lora[bs].fill(batch.lora_slots)
         graph_batch = self._batch(
             bs, batch.prefix_lens + [0] * pad, batch.req_slots + [self.scratch] * pad
         )

@@ -179,6 +179,32 @@ class LoraBatch:
         return self.chunk_index[chunk_part]
 
 
+class LoraRows:
+    """A decode step's adapters as per-row tensors of fixed shape, for steps captured in a
+    CUDA graph: each row gathers its own slot's A and B^T (base rows any slot, their delta
+    multiplied by a zero mask), every shape set by the batch size and the slots' rank, so a
+    graph captured once replays any mix of adapters by refilling `slot` and `mask` in place.
+    On a GPU the gathered weights cost little next to the eager forms' few hundred launches
+    a step; on the CPU the step plans (LoraBatch) stay."""
+
+    mode = "rows"
+    segments: list[tuple[int, int, int, int]] = []
+
+    def __init__(self, slot: torch.Tensor, mask: torch.Tensor) -> None:
+        self.slot = slot  # [rows] int64: the row's slot (0 for a base row)
+        self.mask = mask  # [rows] in the activations' dtype: 1 for an adapter's row, else 0
+
+    def fill(self, lora_slots: list[int] | None) -> None:
+        """This step's slots into the fixed buffers (rows past the batch: masked out)."""
+        n = len(lora_slots or ())
+        self.slot.zero_()
+        self.mask.zero_()
+        if n:
+            slots = torch.tensor(lora_slots, dtype=torch.int64)
+            self.slot[:n].copy_(slots.clamp(min=0), non_blocking=True)
+            self.mask[:n].copy_((slots >= 0).to(self.mask.dtype), non_blocking=True)
+
+
 class LoraSlots:
     """The stacked adapter weights of one projection (see the module docstring)."""
 
@@ -232,10 +258,23 @@ class LoraSlots:
         sc = s.view(n, rank, -1).index_select(2, self.part_chunks).permute(2, 0, 1)
         out.view(n, -1, self.chunk).transpose(0, 1).baddbmm_(sc, bc)
 
+    def _rows_delta(self, out: torch.Tensor, x: torch.Tensor, lb: LoraRows) -> torch.Tensor:
+        """The fixed-shape form (LoraRows): per row its slot's A [rank * parts, in] and B^T
+        chunks, one batched matmul each, masked, added in place."""
+        n, rank = x.shape[0], self.a.shape[1]
+        a = self.a.index_select(0, lb.slot).flatten(1, 2)  # [n, rank*parts, in]
+        s = torch.bmm(x.unsqueeze(1), a.transpose(1, 2))  # [n, 1, rank*parts], columns (r, p)
+        sc = s.view(n, rank, -1).index_select(2, self.part_chunks).permute(0, 2, 1)
+        bc = self.bc.index_select(0, lb.slot)  # [n, chunks, rank, chunk]
+        delta = torch.matmul(sc.unsqueeze(2), bc).view(n, -1)
+        return out.add_(delta * lb.mask[:, None])
+
     def add_delta(self, out: torch.Tensor, x: torch.Tensor, lb: LoraBatch) -> torch.Tensor:
         """out += x @ A^T @ B^T per row, with each row's adapter; in place. In bfloat16 on a
         CPU with AVX512_BF16 the whole step's rows go to one C call (cpu_kernels.lora_delta:
         segments and decode rows alike, ~1 call instead of ~10 small matmuls a projection)."""
+        if isinstance(lb, LoraRows):
+            return self._rows_delta(out, x, lb)
         if (
             self.kernel_shape is not None and x.dtype == torch.bfloat16
             and out.dtype == torch.bfloat16 and x.is_contiguous() and out.is_contiguous()
