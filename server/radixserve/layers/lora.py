@@ -43,6 +43,12 @@ of every adapter.
 Rows of the base model (slot -1) take no LoRA work: outside the segments, or reading a
 zero row of the buffer.
 
+On the CPU in bfloat16, where the kernels build with AVX512_BF16, none of the torch forms
+above runs: every projection's delta for all the step's rows is one C call
+(`cpu_kernels.lora_delta`, rows grouped by adapter, `vdpbf16ps` arithmetic), and decode
+steps of the int4 path add it inside their one-call step (layers/cpu_decode.py). CUDA
+graphs capture a third, fixed-shape form (`LoraRows`).
+
 Threads: the delta runs on the step's threads. One thread for it (a toggle around each
 call) was measured and not kept: with other processes loading the 2-core VM it served
 16 adapters at 0.70-0.72x instead of 0.63-0.65x (the joins of its ~1,000 small parallel
