@@ -29,6 +29,16 @@
 static __thread int8_t *scratch;
 static __thread size_t scratch_size;
 
+/* Memory kept between calls of one thread, grown (never shrunk) to `need` bytes; -1 when
+   short. */
+static int grow(char **buf, size_t *size, size_t need) {
+    if (need <= *size) return 0;
+    free(*buf);
+    *buf = aligned_alloc(64, (need + 63) / 64 * 64);
+    *size = *buf ? need : 0;
+    return *buf ? 0 : -1;
+}
+
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;
@@ -197,12 +207,7 @@ int int4_gemm(const void *x, int x_bf16, int M, int K, const uint8_t *w, int N, 
     int G = K / 32;
     size_t xq_bytes = ((size_t)M * K * 2 + 63) / 64 * 64;
     size_t need = quant_bytes(M, K);
-    if (need > scratch_size) {
-        free(scratch);
-        scratch = aligned_alloc(64, (need + 63) / 64 * 64);
-        scratch_size = scratch ? need : 0;
-        if (!scratch) return -1;
-    }
+    if (grow((char **)&scratch, &scratch_size, need)) return -1;
     int16_t *xq = (int16_t *)scratch;
     float *xd = (float *)(scratch + xq_bytes), *xs = xd + (size_t)M * G;
     quantize(x, x_bf16, M, K, xq, xd, xs);
@@ -755,12 +760,7 @@ int lora_delta(const void *x, void *y, int M, const void *a, const void *bc,
     static __thread size_t kept;
     const size_t plan_bytes = (sizeof(int) * lora_plan_ints(M) + 63) / 64 * 64;
     const size_t need = plan_bytes + sizeof(float) * (size_t)M * max_rank * LORA_MAX_PARTS;
-    if (need > kept) {
-        free(keep);
-        keep = aligned_alloc(64, (need + 63) / 64 * 64);
-        kept = keep ? need : 0;
-        if (!keep) return -1;
-    }
+    if (grow(&keep, &kept, need)) return -1;
     int *plan = (int *)keep;
     float *s = (float *)(keep + plan_bytes);
     lora_plan pl = lora_plan_rows(&la, M, plan);
