@@ -154,6 +154,14 @@ def test_batches_above_eight_rows_are_their_rows_alone(runner):
         runner.pool.free(block)
 
 
+def assert_declined(fused: cpu_decode.FusedDecode, runner: ModelRunner, batch) -> None:
+    """The one-call step returns None for this batch and leaves the hidden states alone."""
+    x = torch.randn(batch.batch_size, runner.config.hidden_size)
+    before = x.clone()
+    assert fused.run(x, batch) is None
+    assert torch.equal(x, before)
+
+
 def test_steps_it_cannot_compute_are_left_to_the_layers(runner):
     fused = runner.model.fused_decode
     rows = cpu_decode.max_rows() + 1
@@ -165,10 +173,7 @@ def test_steps_it_cannot_compute_are_left_to_the_layers(runner):
         lora = decode_batch(runner, slots[:1], seed=5)
         lora.metadata["lora"] = object()
         for batch in (too_many, prefill, lora):
-            x = torch.randn(batch.batch_size, runner.config.hidden_size)
-            before = x.clone()
-            assert fused.run(x, batch) is None
-            assert torch.equal(x, before)
+            assert_declined(fused, runner, batch)
     finally:
         for s in slots:
             runner.pool.free(s)

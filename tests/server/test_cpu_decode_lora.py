@@ -15,6 +15,7 @@ from radixserve.config import ServerArgs
 from radixserve.engine.model_runner import ModelRunner
 from radixserve.layers import cpu_decode, cpu_kernels
 from radixserve.layers.attention import ForwardBatch
+from test_cpu_decode import assert_declined
 from test_cpu_decode import decode_batch as base_decode_batch
 
 pytestmark = pytest.mark.skipif(
@@ -223,10 +224,7 @@ def test_adapter_slots_the_kernel_does_not_take_are_left_to_the_layers(runner, m
         batch.metadata["lora"] = runner.lora.batch_plan(batch.lora_slots, [1] * 3, "cpu")
         monkeypatch.setattr(cpu_decode, "LORA_MAX_PARTS", 2)  # qkv_proj has three
         fused = cpu_decode.FusedDecode(runner.model)  # reads the slots under the lower limit
-        x = torch.randn(3, runner.config.hidden_size)
-        before = x.clone()
-        assert fused.run(x, batch) is None
-        assert torch.equal(x, before)
+        assert_declined(fused, runner, batch)
     finally:
         for s in slots:
             runner.pool.free(s)

@@ -233,9 +233,7 @@ class FusedDecode:
             lora_args = self._lora
             if lora_args is None:
                 return None
-            adapters = batch.lora_slots
-            row_slot = (ctypes.c_int * m)(*adapters)
-            row_rank = (ctypes.c_int * m)(*[lora.ranks[s] if s >= 0 else 0 for s in adapters])
+            row_slot, row_rank = lora.kernel_rows()  # one row per request: m of each
             lora_args.slot = ctypes.addressof(row_slot)
             lora_args.rank = ctypes.addressof(row_rank)
         slots = [s if s.dtype == torch.int64 else s.long() for s in batch.req_slots]

@@ -63,6 +63,7 @@ faster (in process: 0.66x the base step against 0.62x on one thread).
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 
 import torch
@@ -112,26 +113,44 @@ class LoraBatch:
         self.mode = "grouped"
         self.lo = used[0]
         self.num_slots = used[-1] - used[0] + 1  # the bmm covers slots [lo, lo + num_slots)
-        per_row = torch.tensor([slot for slot, n in tail for _ in range(n)], dtype=torch.int64)
+        self._tail, self._device = tail, device
+        self.buffers: dict[tuple[int, int, torch.dtype], torch.Tensor] = {}
+        self.chunk_index: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @functools.cached_property
+    def _index(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """The grouped form's row layout (widest, gather, back), made on its first use: a
+        step whose deltas all run in the C kernels never needs it."""
+        per_row = torch.tensor(
+            [slot for slot, n in self._tail for _ in range(n)], dtype=torch.int64
+        )
         rows = (per_row >= 0).nonzero().flatten()
         slots = per_row[rows] - self.lo
         order = torch.argsort(slots, stable=True)
         rows, slots = rows[order], slots[order]
         counts = torch.bincount(slots, minlength=self.num_slots)
-        self.widest = int(counts.max())
+        widest = int(counts.max())
         # place i of slot s's rows is s * widest + i; the other places repeat row 0 and are
         # computed but never read back
-        place = (
-            slots * self.widest + torch.arange(rows.numel()) - (counts.cumsum(0) - counts)[slots]
-        )
-        gather = torch.zeros(self.num_slots * self.widest, dtype=torch.int64)
+        place = slots * widest + torch.arange(rows.numel()) - (counts.cumsum(0) - counts)[slots]
+        gather = torch.zeros(self.num_slots * widest, dtype=torch.int64)
         gather[place] = rows
         # per short row: where its delta lies in the buffer, or the zero row past the places
-        back = torch.full((per_row.numel(),), self.num_slots * self.widest, dtype=torch.int64)
+        back = torch.full((per_row.numel(),), self.num_slots * widest, dtype=torch.int64)
         back[rows] = place
-        self.gather, self.back = gather.to(device), back.to(device)
-        self.buffers: dict[tuple[int, int, torch.dtype], torch.Tensor] = {}
-        self.chunk_index: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        return widest, gather.to(self._device), back.to(self._device)
+
+    @property
+    def widest(self) -> int:
+        return self._index[0]
+
+    @property
+    def gather(self) -> torch.Tensor:
+        return self._index[1]
+
+    @property
+    def back(self) -> torch.Tensor:
+        return self._index[2]
 
     def kernel_rows(self) -> tuple[ctypes.Array, ctypes.Array]:
         """Every row's adapter slot (-1: base) and its rank, as the C delta reads them; made
@@ -192,9 +211,6 @@ class LoraRows:
     graph captured once replays any mix of adapters by refilling `slot` and `mask` in place.
     On a GPU the gathered weights cost little next to the eager forms' few hundred launches
     a step; on the CPU the step plans (LoraBatch) stay."""
-
-    mode = "rows"
-    segments: list[tuple[int, int, int, int]] = []
 
     def __init__(self, slot: torch.Tensor, mask: torch.Tensor) -> None:
         self.slot = slot  # [rows] int64: the row's slot (0 for a base row)
