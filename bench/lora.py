@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import csv
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -45,12 +44,14 @@ sys.path.insert(0, str(ROOT / "server"))
 from radixserve.bench.datasets import sample_random  # noqa: E402
 from radixserve.bench.lora_adapters import write_random_adapter  # noqa: E402
 from radixserve.bench.serving import run_benchmark  # noqa: E402
+from radixserve.engine.cpu_path import cpu_class  # noqa: E402
 from radixserve.models.loader import (  # noqa: E402
     default_model_path,
     load_config,
     load_tokenizer,
     resolve_model,
 )
+from run_peers import cpu_model  # noqa: E402
 
 
 def write_adapter(folder: Path, config, rank: int, seed: int) -> None:
@@ -162,9 +163,12 @@ def machine(rows: list[dict]) -> str:
             name = subprocess.run(smi, capture_output=True, text=True).stdout.strip()
         except OSError:
             name = "?"
-        return f"GPU: {name.splitlines()[0] if name else '?'}, torch {torch.__version__}."
+        return (
+            f"GPU: {name.splitlines()[0] if name else '?'}, torch {torch.__version__}; "
+            f"host CPU: {cpu_model()}, cpu class {cpu_class()[0]}, {os.cpu_count()} cores."
+        )
     return (
-        f"CPU: {platform.processor() or platform.machine()}, cpu class {rows[0]['cpu_class']}, "
+        f"CPU: {cpu_model()}, cpu class {rows[0]['cpu_class']}, "
         f"{os.cpu_count()} cores; load average at the end {os.getloadavg()[0]:.1f}."
     )
 

@@ -27,8 +27,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "server"))
+sys.path.insert(0, str(ROOT / "bench"))
+from radixserve.engine.cpu_path import cpu_class  # noqa: E402
 from radixserve.layers.moe import FusedMoE, softmax_topk, topk_softmax  # noqa: E402
 from radixserve.models.gpt_oss import clamped_swiglu  # noqa: E402
+from run_peers import cpu_model  # noqa: E402
 
 # name -> (experts, hidden, intermediate, top k, gpt-oss style (biases, clamped SwiGLU))
 LAYERS = {
@@ -109,6 +112,8 @@ def main() -> int:
         writer.writerows(rows)
     device = torch.cuda.get_device_name()
     lines = [f"# Expert layer: grouped GEMM vs looped, {device}, torch {torch.__version__}", ""]
+    host = f"{cpu_model()}, cpu class {cpu_class()[0]}, {os.cpu_count()} cores"
+    lines += [f"Host CPU (launches the kernels; the times are the GPU's): {host}.", ""]
     lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows]
     (args.out / "moe-grouped.md").write_text("\n".join(lines) + "\n")

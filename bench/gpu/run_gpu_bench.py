@@ -46,7 +46,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
-from run_peers import COLUMNS, fmt, free_port, load_records, write_csv  # noqa: E402
+from run_peers import COLUMNS, cpu_model, fmt, free_port, load_records, write_csv  # noqa: E402
 
 GPU_DIR = ROOT / ".gpu"
 SITE = GPU_DIR / "site"
@@ -160,7 +160,11 @@ def versions(env) -> dict[str, str]:
         text=True,
     ).stdout.strip()
     info["driver, memory"] = smi
-    info["cpu cores"] = str(os.cpu_count())
+    klass = subprocess.run(
+        [sys.executable, "-c", "from radixserve.engine.cpu_path import cpu_class; print(cpu_class()[0])"],
+        env=env, capture_output=True, text=True, cwd=ROOT,
+    ).stdout.strip() or "?"  # fmt: skip
+    info["host cpu"] = f"{cpu_model()}, cpu class {klass}, {os.cpu_count()} cores"
     return info
 
 
